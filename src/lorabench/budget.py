@@ -1,0 +1,165 @@
+"""Parameter budgets: what a run may store, what it trains, and the schedules that shrink it.
+
+`budget=r8` means "end with the adapter size of LoRA r=8 on the same targets". Rank-pruning methods start at
+`ceil(init_ratio · r)` and prune to an average of r; the ledger records what trains now and what is stored
+at the end, per adapted matrix, so runs at one budget can be compared in one table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+# The six linear maps of a transformer encoder block, by role. Model configs map each role to a module path.
+ALL_ROLES = ("query", "key", "value", "attention_output", "intermediate", "output")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The `budget` config group: final average rank per adapted matrix and what is adapted."""
+
+    name: str
+    rank: int
+    target_modules: tuple[str, ...] = ALL_ROLES
+    init_ratio: float = 1.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"budget.rank must be a positive integer, got {self.rank!r} (try budget=r8)")
+        if not self.target_modules:
+            raise ConfigError("budget.target_modules is empty: list at least one of " + ", ".join(ALL_ROLES))
+        unknown = [t for t in self.target_modules if t not in ALL_ROLES]
+        if unknown:
+            raise ConfigError(f"budget.target_modules has unknown role(s) {unknown}; known: {', '.join(ALL_ROLES)}")
+        if self.init_ratio < 1.0:
+            raise ConfigError(f"budget.init_ratio must be >= 1 (initial rank >= final rank), got {self.init_ratio}")
+
+    @property
+    def init_rank(self) -> int:
+        """Initial rank of the pruning methods: ceil(init_ratio · r) (r′ = 12 for r = 8)."""
+        return math.ceil(self.init_ratio * self.rank - 1e-9)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Budget":
+        return cls(name=str(d.get("name", f"r{d['rank']}")), rank=d["rank"],
+                   target_modules=tuple(d.get("target_modules", ALL_ROLES)),
+                   init_ratio=float(d.get("init_ratio", 1.5)))
+
+
+@dataclass
+class LedgerRow:
+    name: str
+    d_in: int
+    d_out: int
+    rank: int  # effective rank now (kept components for pruning methods)
+    trainable_now: int  # parameters of this matrix's adapter that receive gradients
+    stored_at_end: int  # rank-factor parameters stored at the end: rank · (d_in + d_out)
+    extra_stored: int = 0  # stored extras counted separately (DoRA's magnitude vector)
+
+
+@dataclass
+class Ledger:
+    rows: list[LedgerRow] = field(default_factory=list)
+    # Parameters outside the adapted matrices that also train (task head); reported, not in the budget.
+    head_params: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_matrices(self) -> int:
+        return len(self.rows)
+
+    @property
+    def trainable_now(self) -> int:
+        return sum(r.trainable_now for r in self.rows)
+
+    @property
+    def stored_at_end(self) -> int:
+        return sum(r.stored_at_end for r in self.rows)
+
+    @property
+    def extra_stored(self) -> int:
+        return sum(r.extra_stored for r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_matrices": self.n_matrices,
+            "adapter_trainable": self.trainable_now,
+            "adapter_stored": self.stored_at_end,
+            "extra_stored": self.extra_stored,
+            "head_params": self.head_params,
+            "notes": self.notes,
+            "rows": [asdict(r) for r in self.rows],
+        }
+
+    def summary(self) -> str:
+        s = (f"{self.n_matrices} adapted matrices | adapter params trainable now {self.trainable_now:,} | "
+             f"stored at end {self.stored_at_end:,}")
+        if self.extra_stored:
+            s += f" (+{self.extra_stored:,} extra)"
+        s += f" | task head {self.head_params:,}"
+        return s
+
+
+def lora_param_count(shapes: list[tuple[int, int]], rank: int) -> int:
+    """r · Σ (d_in + d_out): the size of a rank-r LoRA on matrices of these (d_in, d_out) shapes."""
+    return sum(rank * (d_in + d_out) for d_in, d_out in shapes)
+
+
+# --- schedules: pure functions of the optimizer step (counted from 1) ---------------------------------------
+
+def adalora_budget(step: int, total_steps: int, b_init: int, b_target: int, t_init: int, t_final: int) -> int:
+    """AdaLoRA's total rank budget b(t) (methods.md §4.5, the reference code's form).
+
+    b(0) until t_init; cubic, fast then slow, down to b(T) at T − t_final; b(T) after.
+    """
+    if step <= t_init:
+        return b_init
+    if step > total_steps - t_final:
+        return b_target
+    span = total_steps - t_final - t_init
+    progress = (step - t_init) / span
+    return int(math.floor(b_target + (b_init - b_target) * (1.0 - progress) ** 3))
+
+
+@dataclass(frozen=True)
+class PruneEvent:
+    """One DoRA-dynamic schedule decision for a step."""
+
+    phase: str  # "warmup", "prune", "final" (mask fixed)
+    is_event: bool  # a pruning event happens at this step
+    n_prune: int  # components to prune at this event (0 when no event)
+    is_last: bool  # this event fixes the final mask
+
+
+def dora_dynamic_schedule(step: int, total_steps: int, n_components: int, init_rank: int, target_rank: int,
+                          interval: int, warmup_frac: float = 0.15, final_frac: float = 0.50) -> PruneEvent:
+    """DoRA-dynamic's pruning schedule, the reference code's form (methods.md §3.4).
+
+    p = int(t − 0.15 T), P = int(0.35 T); events when p % interval == 0 or p == P; at an event prune
+    k = floor(N (1 − r/r′) (p/P)³) components (at least one). Slow first, fast at the end.
+    """
+    p = int(step - warmup_frac * total_steps)
+    P = int((1.0 - warmup_frac - final_frac) * total_steps)
+    if p < 0:
+        return PruneEvent("warmup", False, 0, False)
+    if p > P:
+        return PruneEvent("final", False, 0, False)
+    is_last = p == P
+    if p % interval != 0 and not is_last:
+        return PruneEvent("prune", False, 0, False)
+    frac = (p / P) ** 3 if P > 0 else 1.0
+    k = int(math.floor(n_components * (1.0 - target_rank / init_rank) * frac))
+    return PruneEvent("prune", True, max(k, 1), is_last)
+
+
+def dora_dynamic_kept(step: int, total_steps: int, n_components: int, init_rank: int, target_rank: int,
+                      warmup_frac: float = 0.15, final_frac: float = 0.50) -> int:
+    """Components the schedule keeps after the event at `step` (no ties): N − k."""
+    p = int(step - warmup_frac * total_steps)
+    P = int((1.0 - warmup_frac - final_frac) * total_steps)
+    p = min(max(p, 0), P)
+    frac = (p / P) ** 3 if P > 0 else 1.0
+    return n_components - int(math.floor(n_components * (1.0 - target_rank / init_rank) * frac))

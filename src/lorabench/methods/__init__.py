@@ -1,0 +1,56 @@
+"""The method registry: a method exists only through `@register("name")`.
+
+The key is the YAML file name under conf/method/ and `cfg.method.name`. Method modules are imported here so
+that registering happens on `import lorabench.methods`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..budget import Budget
+from ..errors import ConfigError
+from .base import AdapterMethod, LowRankLinear, TargetInfo
+
+_REGISTRY: dict[str, type[AdapterMethod]] = {}
+
+
+def register(name: str) -> Callable[[type[AdapterMethod]], type[AdapterMethod]]:
+    def deco(cls: type[AdapterMethod]) -> type[AdapterMethod]:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[AdapterMethod]:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(names())} (e.g. method=lora)")
+    return _REGISTRY[name]
+
+
+def build(config: dict[str, Any], budget: Budget) -> AdapterMethod:
+    """Instantiate the method named by `config['name']` with the rest of its config."""
+    return get(config["name"])(config, budget)
+
+
+def attach(model, model_spec, config: dict[str, Any], budget: Budget) -> AdapterMethod:
+    """Build the method and attach it to the budget's targets of `model` (for tests, benches, scripts)."""
+    from ..backbone import find_targets
+
+    method = build(config, budget)
+    method.attach(model, find_targets(model, model_spec, budget.target_modules))
+    return method
+
+
+# Importing the modules registers them.
+from . import lora  # noqa: E402,F401
+
+__all__ = ["AdapterMethod", "LowRankLinear", "TargetInfo", "register", "names", "get", "build", "attach"]

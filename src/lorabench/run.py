@@ -1,0 +1,277 @@
+"""One job end to end: seed → data → backbone → method.attach → Trainer.fit → adapter → results.json.
+
+Takes a plain (resolved) config dict and an explicit output directory; Hydra stays in src/train.py. The run
+directory always ends with a results.json: status "ok" with the metrics, or status "failed" with the error
+and traceback (nothing claims success that did not finish). results.json is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import random
+import subprocess
+import time
+import traceback
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import methods
+from .backbone import ModelSpec, find_targets, freeze_backbone, load_model, load_tokenizer
+from .budget import Budget
+from .data import BatchLoader, Collator, TaskSpec, load_task_data, resolve_glue_dir
+from .errors import ConfigError, LorabenchError
+from .metrics import compute_metrics
+from .tracking import build_tracker
+from .training.trainer import Trainer, TrainerConfig, peak_memory_mb
+
+log = logging.getLogger("lorabench")
+
+# trainer-group keys that shape the data rather than the loop
+DATA_KEYS = ("max_train_samples", "max_eval_samples", "max_seq_length", "group_by_length")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def git_hash() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("lorabench", "torch", "transformers", "peft", "hydra-core", "wandb"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def trainer_config(d: dict[str, Any]) -> TrainerConfig:
+    known = {f.name for f in fields(TrainerConfig)}
+    extra = {k: v for k, v in d.items() if k not in known and k not in DATA_KEYS and k not in ("name",)}
+    if extra:
+        raise ConfigError(f"unknown trainer option(s) {sorted(extra)}; known: {sorted(known | set(DATA_KEYS))}")
+    return TrainerConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def make_evaluator(spec: TaskSpec, eval_loaders: dict[str, BatchLoader], trainer_ref: list):
+    """evaluate(model) → {"eval/<metric><suffix>": value} over every eval split of the task."""
+    suffix = {s.name: s.suffix for s in spec.eval_splits}
+
+    @torch.no_grad()
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        trainer = trainer_ref[0]
+        model.eval()
+        out: dict[str, float] = {}
+        for split, loader in eval_loaders.items():
+            preds, labels = [], []
+            for batch in loader:
+                batch = trainer._to_device(batch)
+                y = batch.pop("labels")
+                with trainer.autocast():
+                    logits = model(**batch).logits.float()
+                preds.append(logits.squeeze(-1) if spec.is_regression else logits.argmax(-1))
+                labels.append(y)
+            p = torch.cat(preds).cpu().numpy()
+            t = torch.cat(labels).cpu().numpy()
+            for k, v in compute_metrics(spec.metrics, p, t).items():
+                out[f"eval/{k}{suffix[split]}"] = v
+        return out
+
+    return evaluate
+
+
+def run_job(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """Run one fine-tuning job described by `cfg` (the resolved Hydra config as a dict) into `out_dir`.
+
+    Returns the results dict. Raises on failure after writing results.json with status "failed".
+    """
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {"status": "running", "config": cfg}
+    tracker_box: list = []  # filled by _run once the tracker exists, so `finally` can finish it
+    try:
+        _check_writable(out_dir)
+        results.update(_describe(cfg))
+        return _run(cfg, out_dir, results, t0, tracker_box)
+    except BaseException as e:
+        results["status"] = "failed"
+        results["error"] = f"{type(e).__name__}: {e}"
+        results["error_type"] = type(e).__name__
+        results["traceback"] = traceback.format_exc()
+        results["wall_seconds"] = time.perf_counter() - t0
+        if out_dir.is_dir() and os.access(out_dir, os.W_OK):
+            write_json_atomic(out_dir / "results.json", results)
+        raise
+    finally:
+        if tracker_box:
+            tracker_box[0].finish(results.get("status", "failed"))
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output directory {out_dir} is not writable ({e.strerror}); choose another with "
+                          f"hydra.run.dir=<dir> or paths.runs_dir=<dir>") from None
+
+
+def _describe(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"task": cfg["task"]["name"], "method": cfg["method"]["name"], "model": cfg["model"]["name"],
+            "budget": cfg["budget"].get("name", f"r{cfg['budget']['rank']}"), "seed": cfg["seed"]}
+
+
+def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float, tracker_box: list) -> dict[str, Any]:
+    seed = int(cfg["seed"])
+    method_cls = methods.get(cfg["method"]["name"])  # fail on an unknown method before loading anything
+    spec = TaskSpec.from_dict(cfg["task"])
+    model_spec = ModelSpec.from_dict(cfg["model"])
+    budget = Budget.from_dict(cfg["budget"])
+    tcfg_dict = dict(cfg["trainer"])
+    tcfg = trainer_config(tcfg_dict)
+    data_cfg = cfg.get("data") or {}
+    glue_dir = resolve_glue_dir(data_cfg.get("glue_dir"))
+    cache_dir = Path(data_cfg["cache_dir"]).expanduser() if data_cfg.get("cache_dir") else None
+
+    seed_everything(seed)
+    tokenizer = load_tokenizer(model_spec)
+    data = load_task_data(spec, tokenizer, int(tcfg_dict.get("max_seq_length", 128)), glue_dir, cache_dir,
+                          tcfg_dict.get("max_train_samples"), tcfg_dict.get("max_eval_samples"))
+    log.info("data: train %d examples (%s); eval %s", len(data.train), data.sources["train"],
+             ", ".join(f"{k} {len(v)}" for k, v in data.evals.items()))
+
+    model = load_model(model_spec, spec.num_labels, spec.is_regression, vocab_size=len(tokenizer))
+    head = freeze_backbone(model)
+    targets = find_targets(model, model_spec, budget.target_modules)
+    seed_everything(seed)  # the adapter init depends on the seed only, not on what loading consumed
+    method = method_cls(cfg["method"], budget)
+    method.attach(model, targets)
+    ledger = method.ledger()
+    ledger.head_params = sum(p.numel() for _, p in head)
+    log.info("method %s on %s | budget %s | %s", method.name, model_spec.name, budget.name, ledger.summary())
+    results["ledger_start"] = ledger.to_dict()
+
+    collate = Collator(tokenizer.pad_token_id or 0)
+    train_loader = BatchLoader(data.train, tcfg.batch_size, collate, shuffle=True, seed=seed,
+                               group_by_length=bool(tcfg_dict.get("group_by_length", False)))
+    eval_loaders = {k: BatchLoader(v, tcfg.eval_batch_size, collate, shuffle=False) for k, v in data.evals.items()}
+    trainer_ref: list = []
+    evaluate = make_evaluator(spec, eval_loaders, trainer_ref)
+
+    meta = {"task": spec.name, "name": cfg.get("run_name") or f"{spec.name}-{method.name}-{budget.name}",
+            "group": cfg.get("group"), "tags": [method.name, spec.name, model_spec.name, budget.name]}
+    tracker = build_tracker(cfg.get("logger") or {}, out_dir, cfg, meta)
+    tracker_box.append(tracker)
+
+    def on_eval(record: dict[str, Any]) -> None:
+        tracker.log_eval(record)
+        tracker.log_rank_pattern(method.rank_pattern(), record["step"])
+        shown = {k: round(v, 4) for k, v in record.items() if k.startswith("eval/")}
+        log.info("eval step %d epoch %d: %s", record["step"], record["epoch"], shown)
+
+    train_params = list(method.named_trainable_parameters()) + head
+    trainer = Trainer(tcfg, model, train_params, train_loader, evaluate, spec.primary_metric,
+                      hooks=method.hooks(), regularizer=method.regularizer, log=tracker.log_metrics,
+                      on_eval=on_eval, head_param_names=[n for n, _ in head])
+    trainer_ref.append(trainer)
+    log.info("training %d steps (%d epochs x %d steps, batch %d x accum %d) on %s, precision %s",
+             trainer.total_steps, trainer.epochs, trainer.steps_per_epoch, tcfg.batch_size, tcfg.grad_accum,
+             trainer.device, tcfg.precision)
+    fit = trainer.fit()
+
+    ledger = method.ledger()
+    ledger.head_params = sum(p.numel() for _, p in head)
+    log.info("final | %s", ledger.summary())
+    _save_adapter(out_dir / "adapter", method, head, cfg)
+
+    key = f"eval/{spec.primary_metric}"
+    total_params = sum(p.numel() for p in model.parameters())
+    results.update({
+        "status": "ok",
+        "primary_metric": key,
+        "best": fit.best,
+        "last": fit.last,
+        "best_epoch": fit.best["epoch"] if fit.best else None,
+        "best_step": fit.best["step"] if fit.best else None,
+        "history": fit.history,
+        "ledger": ledger.to_dict(),
+        "rank_pattern": method.rank_pattern(),
+        "params": {"trainable": sum(p.numel() for _, p in train_params), "adapter_trainable": ledger.trainable_now,
+                   "adapter_stored": ledger.stored_at_end, "head": ledger.head_params, "total": total_params},
+        "timings": {"train_seconds": fit.train_seconds, "eval_seconds": fit.eval_seconds,
+                    "data_seconds": fit.data_seconds, "steps": fit.steps, "skipped_steps": fit.skipped_steps,
+                    "seconds_per_step": fit.train_seconds / max(fit.steps, 1),
+                    "wall_seconds": time.perf_counter() - t0},
+        "peak_memory_mb": peak_memory_mb(trainer.device),
+        "device": str(trainer.device) + (f" ({torch.cuda.get_device_name()})" if trainer.device.type == "cuda" else ""),
+        "versions": package_versions(),
+        "git_hash": git_hash(),
+        "data_sources": data.sources,
+        "n_train": len(data.train),
+        "n_eval": {k: len(v) for k, v in data.evals.items()},
+    })
+    tracker.log_summary({"best/" + k.split("/", 1)[1]: v for k, v in (fit.best or {}).items() if k.startswith("eval/")})
+    write_json_atomic(out_dir / "results.json", results)
+    log.info("done: best %s = %.4f (epoch %s), last %.4f; results in %s", key, fit.best[key], fit.best["epoch"],
+             fit.last[key], out_dir)
+    return results
+
+
+def _save_adapter(adapter_dir: Path, method, head, cfg: dict[str, Any]) -> None:
+    """adapter/: the adapter tensors and the task head (safetensors) plus what is needed to rebuild them."""
+    from safetensors.torch import save_file
+
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"adapter.{k}": v.contiguous() for k, v in method.adapter_state_dict().items()}
+    tensors.update({f"head.{n}": p.detach().contiguous().clone() for n, p in head})
+    save_file(tensors, str(adapter_dir / "lorabench_adapter.safetensors"))
+    meta = {"method": cfg["method"], "budget": cfg["budget"], "model": cfg["model"], "task": cfg["task"]["name"],
+            "targets": [asdict(t) for t in method.targets.values()], "rank_pattern": method.rank_pattern(),
+            "method_state": _jsonable_state(method.state_dict())}
+    write_json_atomic(adapter_dir / "lorabench_adapter.json", meta)
+    export = getattr(method, "export_peft", None)
+    if export is not None:
+        export(adapter_dir, head)
+
+
+def _jsonable_state(state: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            v = v.tolist()
+        out[k] = v
+    return out
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """One line for a user-fixable error, None for a bug (which keeps its traceback)."""
+    if isinstance(e, LorabenchError):
+        return f"error: {e}"
+    return None

@@ -1,0 +1,318 @@
+"""The one training loop. It knows parameters, losses and hooks, never a method's name.
+
+One optimizer step, in order (nanoGPT-style, AMP explicit):
+  lr from the schedule → for each micro-batch: forward under autocast, loss (+ method regularizer) / accum,
+  scaled backward → unscale → skip if the fp16 scaler found inf/NaN → after_backward hooks → clip →
+  optimizer step → after_optimizer_step hooks → zero_grad → log → eval / checkpoint.
+Parameters stay fp32 (master weights); autocast lowers precision per op.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, TrainingError
+from .hooks import TrainerHook, TrainState
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 3
+    max_steps: int | None = None  # when set, training stops after this many optimizer steps
+    lr: float = 5e-4
+    head_lr: float | None = None  # defaults to lr
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    grad_accum: int = 1
+    warmup_ratio: float = 0.06
+    warmup_steps: int | None = None  # overrides warmup_ratio
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    precision: str = "fp32"
+    device: str = "auto"
+    eval_every: int = 0  # optimizer steps between evaluations; 0 = at the end of every epoch
+    log_every: int = 10
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for key in ("batch_size", "grad_accum", "epochs"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError(f"trainer.lr must be > 0, got {self.lr}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but CUDA is not available; use trainer.device=auto or cpu")
+    return torch.device(name)
+
+
+def linear_warmup_decay(step: int, total_steps: int, warmup_steps: int) -> float:
+    """LR multiplier for optimizer step `step` (1-based): linear ramp to 1, then linear decay to 0."""
+    if warmup_steps > 0 and step <= warmup_steps:
+        return step / warmup_steps
+    if total_steps <= warmup_steps:
+        return 1.0
+    return max(0.0, (total_steps - step) / (total_steps - warmup_steps))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per evaluation
+    best: dict[str, Any] | None = None
+    last: dict[str, Any] | None = None
+    steps: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    data_seconds: float = 0.0
+    skipped_steps: int = 0
+
+
+class Trainer:
+    """Fine-tunes `model` on `train_loader`, evaluating with `evaluate(model) -> {"eval/<metric>": value}`.
+
+    `param_groups` come from the caller (adapter and head parameters); `regularizer()` returns the method's
+    extra loss term or None; `hooks` are called at the points listed in hooks.py.
+    """
+
+    def __init__(
+        self,
+        config: TrainerConfig,
+        model: nn.Module,
+        train_params: list[tuple[str, nn.Parameter]],
+        train_loader,
+        evaluate: Callable[[nn.Module], dict[str, float]],
+        primary_metric: str,
+        hooks: list[TrainerHook] | None = None,
+        regularizer: Callable[[], torch.Tensor | None] | None = None,
+        log: Callable[[dict[str, Any], int], None] | None = None,
+        on_eval: Callable[[dict[str, Any]], None] | None = None,
+        head_param_names: Iterable[str] = (),
+    ) -> None:
+        self.cfg = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.train_loader = train_loader
+        self.evaluate = evaluate
+        self.primary_metric = primary_metric
+        self.hooks = list(hooks or [])
+        self.regularizer = regularizer
+        self.log = log or (lambda metrics, step: None)
+        self.on_eval_cb = on_eval
+        self.amp_dtype = PRECISIONS[config.precision]
+        if self.amp_dtype is torch.float16 and self.device.type == "cpu":
+            pass  # CPU fp16 autocast is supported by torch >= 2.3 (a GradScaler("cpu") handles scaling)
+        self.params = [p for _, p in train_params]
+        head_names = set(head_param_names)
+        # No weight decay on 1-D tensors (biases, DoRA magnitudes, gates, singular values): decaying a gate
+        # or a magnitude towards 0 is not a regularizer of the update but a change of the function.
+        decay = [p for n, p in train_params if p.ndim >= 2 and n not in head_names]
+        no_decay = [p for n, p in train_params if p.ndim < 2 and n not in head_names]
+        head_decay = [p for n, p in train_params if p.ndim >= 2 and n in head_names]
+        head_no_decay = [p for n, p in train_params if p.ndim < 2 and n in head_names]
+        head_lr = config.head_lr or config.lr
+        groups = [
+            {"params": decay, "weight_decay": config.weight_decay, "lr": config.lr, "base_lr": config.lr},
+            {"params": no_decay, "weight_decay": 0.0, "lr": config.lr, "base_lr": config.lr},
+            {"params": head_decay, "weight_decay": config.weight_decay, "lr": head_lr, "base_lr": head_lr},
+            {"params": head_no_decay, "weight_decay": 0.0, "lr": head_lr, "base_lr": head_lr},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ConfigError("nothing to train: the method attached no trainable parameters and the model has no head")
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
+                                           **({"fused": True} if fused else {"foreach": True}))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
+        self.steps_per_epoch = max(1, math.ceil(len(train_loader) / config.grad_accum))
+        total = self.steps_per_epoch * config.epochs
+        if config.max_steps:
+            total = min(total, int(config.max_steps)) if config.max_steps > 0 else total
+        self.total_steps = total
+        self.epochs = math.ceil(total / self.steps_per_epoch)
+        self.warmup_steps = (config.warmup_steps if config.warmup_steps is not None
+                             else int(config.warmup_ratio * total))
+        self.state = TrainState(total_steps=total, optimizer=self.optimizer,
+                                reset_optimizer_state=self.reset_optimizer_state)
+        self.result = FitResult()
+        self._start_epoch = 0
+        self._skip_batches = 0
+
+    # --- helpers hooks may use -------------------------------------------------------------------------------
+    def reset_optimizer_state(self, params: Iterable[nn.Parameter]) -> None:
+        """Forget Adam moments of re-created parameters: they restart as if new (XGBLoRA boosters)."""
+        for p in params:
+            self.optimizer.state.pop(p, None)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    def fit(self) -> FitResult:
+        cfg, st = self.cfg, self.state
+        for h in self.hooks:
+            h.on_train_begin(st)
+        bar = None
+        if cfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True,
+                       file=sys.stderr, mininterval=1.0)
+        t_start = time.perf_counter()
+        t_eval = 0.0
+        running_loss, running_n = 0.0, 0
+        try:
+            for epoch in range(self._start_epoch, self.epochs):
+                st.epoch = epoch
+                self.model.train()
+                self.train_loader.epoch = epoch
+                self.train_loader.skip_batches = self._skip_batches if epoch == self._start_epoch else 0
+                micro = self.train_loader.skip_batches
+                batches_left = len(self.train_loader) - micro
+                t_data = time.perf_counter()
+                accum_batches: list = []
+                for batch in self.train_loader:
+                    self.result.data_seconds += time.perf_counter() - t_data
+                    accum_batches.append(batch)
+                    micro += 1
+                    batches_left -= 1
+                    if len(accum_batches) < cfg.grad_accum and batches_left > 0:
+                        t_data = time.perf_counter()
+                        continue
+                    loss = self._optimizer_step(accum_batches)
+                    accum_batches = []
+                    st.micro_step = micro
+                    if loss is not None:
+                        running_loss += loss
+                        running_n += 1
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(self._postfix(loss), refresh=False)
+                    if st.step % cfg.log_every == 0 and running_n:
+                        self.log({"train/loss": running_loss / running_n,
+                                  "train/lr": self.optimizer.param_groups[0]["lr"], "train/epoch": epoch,
+                                  **{f"train/{k}": v for h in self.hooks for k, v in h.progress().items()}},
+                                 st.step)
+                        running_loss, running_n = 0.0, 0
+                    end_of_epoch = batches_left == 0
+                    if (cfg.eval_every and st.step % cfg.eval_every == 0) or \
+                            (not cfg.eval_every and end_of_epoch) or st.step == self.total_steps:
+                        t0 = time.perf_counter()
+                        self._evaluate(epoch, final=st.step == self.total_steps)
+                        t_eval += time.perf_counter() - t0
+                        self.model.train()
+                    self.after_step()
+                    if st.step >= self.total_steps:
+                        break
+                    t_data = time.perf_counter()
+                if st.step >= self.total_steps:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        self.result.steps = st.step
+        self.result.eval_seconds = t_eval
+        self.result.train_seconds = time.perf_counter() - t_start - t_eval
+        return self.result
+
+    def after_step(self) -> None:
+        """Called after every optimizer step's bookkeeping; checkpointing plugs in here."""
+
+    def _postfix(self, loss: float | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"loss": f"{loss:.4f}" if loss is not None else "skip"}
+        for h in self.hooks:
+            out.update(h.progress())
+        if self.state.last_metrics:
+            out[self.primary_metric] = f"{self.state.last_metrics.get('eval/' + self.primary_metric, float('nan')):.4f}"
+        return out
+
+    def _optimizer_step(self, batches: list[dict[str, torch.Tensor]]) -> float | None:
+        cfg, st = self.cfg, self.state
+        step = st.step + 1
+        lr_mult = linear_warmup_decay(step, self.total_steps, self.warmup_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_mult
+
+        total_loss = 0.0
+        n = len(batches)
+        for batch in batches:
+            batch = self._to_device(batch)
+            with self.autocast():
+                out = self.model(**batch)
+                loss = out.loss
+                reg = self.regularizer() if self.regularizer is not None else None
+                if reg is not None:
+                    loss = loss + reg
+            if not torch.isfinite(loss.detach()):
+                raise TrainingError(
+                    f"non-finite loss ({loss.item()}) at optimizer step {step} (epoch {st.epoch}); training "
+                    f"stopped. Lower trainer.lr, use trainer.precision=fp32, or check the data.")
+            self.scaler.scale(loss / n).backward()
+            total_loss += loss.item() / n
+
+        self.scaler.unscale_(self.optimizer)
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        grads_finite = True
+        if self.scaler.is_enabled():
+            # The scaler will skip this step if any gradient overflowed; hooks must then not see those grads.
+            grads_finite = all(torch.isfinite(p.grad).all() for p in self.params if p.grad is not None)
+        if grads_finite:
+            for h in self.hooks:
+                h.after_backward(st)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        skipped = scale_before is not None and self.scaler.get_scale() < scale_before
+        st.step = step
+        if not skipped:
+            for h in self.hooks:
+                h.after_optimizer_step(st)
+        else:
+            self.result.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return None if skipped else total_loss
+
+    def _evaluate(self, epoch: int, final: bool) -> None:
+        st = self.state
+        metrics = self.evaluate(self.model)
+        st.last_metrics = metrics
+        record = {"step": st.step, "epoch": epoch + 1, **metrics}
+        for h in self.hooks:
+            h.on_eval(st, metrics)
+            record.update({f"train/{k}": v for k, v in h.progress().items()})
+        self.result.history.append(record)
+        self.result.last = record
+        key = f"eval/{self.primary_metric}"
+        if self.result.best is None or record[key] > self.result.best[key]:
+            self.result.best = record
+        if self.on_eval_cb is not None:
+            self.on_eval_cb(record)

