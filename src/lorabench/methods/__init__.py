@@ -1,7 +1,7 @@
 """The method registry: a method exists only through `@register("name")`.
 
-The key is the YAML file name under conf/method/ and `cfg.method.name`. Method modules are imported here so
-that registering happens on `import lorabench.methods`.
+The key is the YAML file name under conf/method/ and `cfg.method.name`. Every module of this package is
+imported on `import lorabench.methods`, so a new method is one file with one `@register` line.
 """
 
 from __future__ import annotations
@@ -50,7 +50,15 @@ def attach(model, model_spec, config: dict[str, Any], budget: Budget) -> Adapter
     return method
 
 
-# Importing the modules registers them.
-from . import lora  # noqa: E402,F401
+def _import_all() -> None:
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in ("base",):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()
 
 __all__ = ["AdapterMethod", "LowRankLinear", "TargetInfo", "register", "names", "get", "build", "attach"]

@@ -8,7 +8,7 @@ reporter needs (ledger, rank pattern) comes from here too, so the trainer never 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -117,6 +117,25 @@ class LowRankLinear(nn.Module):
 
 
 @dataclass
+class PeftLoraExport:
+    """An adapter expressed as an HF PEFT `LoraConfig` adapter (what export.py writes to adapter/).
+
+    `tensors[module_path]` holds "lora_A" (r_i, d_in), "lora_B" (d_out, r_i) and, for DoRA, "magnitude"
+    (d_out,). PEFT scales module i by alpha_i / r_i (or alpha_i / √r_i with rsLoRA), where r_i comes from
+    `rank_pattern` (default `r`) and alpha_i from `alpha_pattern` (default `lora_alpha`); a method whose own
+    scale differs folds it into B or sets alpha_pattern. A module with no kept component is left out.
+    """
+
+    r: int
+    lora_alpha: float
+    tensors: dict[str, dict[str, torch.Tensor]]
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+@dataclass
 class TargetInfo:
     """One adapted matrix: its module path, transformer block index and role (q, k, v, ...)."""
 
@@ -134,8 +153,15 @@ class AdapterMethod:
     """
 
     name: str = "base"
-    # Whether `merge()` gives an exact, reversible fold of the adapter into the base weights.
-    mergeable: bool = True
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether `merge()` is an exact, reversible fold into the base weights in the current state.
+
+        A method that cannot merge (e.g. an active input-dependent gate) returns False and its `merge()`
+        raises `ConfigError` saying why.
+        """
+        return True
 
     def __init__(self, config: dict[str, Any], budget: Budget) -> None:
         self.config = dict(config)
@@ -223,6 +249,10 @@ class AdapterMethod:
             if missing:
                 raise KeyError(f"adapter state for {lname} lacks {missing}")
             layer.load_state_dict(own, strict=False)
+
+    def to_peft(self) -> PeftLoraExport | None:
+        """This adapter as an HF PEFT LoRA adapter, or None when the method has no such form."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """Schedule state that is not a tensor of a layer (importance EMAs, masks, step counters)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import register
-from .base import AdapterMethod, LowRankLinear, TargetInfo
+from .base import AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo
 
 
 @register("lora")
@@ -23,12 +23,8 @@ class LoRA(AdapterMethod):
             use_rslora=bool(self.config.get("use_rslora", False)),
         )
 
-    def peft_config(self) -> dict:
-        """The HF PEFT `LoraConfig` fields that reproduce this adapter (used by export)."""
-        return {
-            "peft_type": "LORA",
-            "r": self.budget.rank,
-            "lora_alpha": float(self.config.get("alpha", 16)),
-            "lora_dropout": float(self.config.get("dropout", 0.0)),
-            "use_rslora": bool(self.config.get("use_rslora", False)),
-        }
+    def to_peft(self) -> PeftLoraExport:
+        tensors = {name: {"lora_A": layer.lora_A.detach().clone(), "lora_B": layer.lora_B.detach().clone()}
+                   for name, layer in self.layers.items()}
+        return PeftLoraExport(r=self.budget.rank, lora_alpha=float(self.config.get("alpha", 16)), tensors=tensors,
+                              use_rslora=bool(self.config.get("use_rslora", False)))
