@@ -1,0 +1,331 @@
+"""Time one training step of every method against the backbone's own floor and against HF PEFT.
+
+A step = forward + backward + optimizer + the method's hooks, through lorabench's real Trainer step
+(`Trainer._optimizer_step`), so AMP, clipping and hooks are what a run pays. Configurations, all on the same
+backbone, batch, sequence length and target maps, timed interleaved in one process (round-robin, so machine
+noise hits every configuration alike) and reported as ratios:
+
+  floor       frozen backbone, gradient flowing to the input embeddings: forward + activation-only backward,
+              the least any adapter method can cost
+  head_only   frozen backbone, only the task head trains (forward + head backward)
+  full_ft     every weight trains
+  <method>    each registered lorabench method at the budget's rank
+  peft_*      HF PEFT's LoRA, DoRA and AdaLoRA with the same targets, rank and alpha
+
+Peak memory is the peak RSS (CPU) or peak allocated CUDA memory of a fresh subprocess that runs only that
+configuration, so the numbers don't mix.
+
+  python bench/step_time.py                       # CPU, seq 64 and 128, writes bench/results/step_time_cpu.md
+  python bench/step_time.py --device cuda --precision bf16 --batch 32   # on a GPU
+  python bench/step_time.py --quick               # tiny model, seconds: checks the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from lorabench import methods  # noqa: E402
+from lorabench.backbone import ModelSpec, freeze_backbone, head_parameters, load_model, load_tokenizer  # noqa: E402
+from lorabench.budget import Budget  # noqa: E402
+from lorabench.data import BatchLoader, Collator, TokenizedSplit  # noqa: E402
+from lorabench.training.hooks import TrainerHook  # noqa: E402
+from lorabench.training.trainer import Trainer, TrainerConfig, peak_memory_mb  # noqa: E402
+
+import yaml  # noqa: E402
+
+PEFT_OF = {"lora": "peft_lora", "dora": "peft_dora", "adalora": "peft_adalora"}
+TOTAL_STEPS = 1000  # schedules see a long run; timed steps sit inside it
+
+
+def model_spec(name: str) -> ModelSpec:
+    return ModelSpec.from_dict(yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text()))
+
+
+def method_cfg(name: str) -> dict:
+    return yaml.safe_load((REPO / "conf" / "method" / f"{name}.yaml").read_text())
+
+
+def make_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, min(vocab, 20000), (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+            "labels": torch.randint(0, 2, (batch,), generator=g)}
+
+
+class PeftAdaLoraHook(TrainerHook):
+    """PEFT's AdaLoRA schedule as its docs prescribe: update_and_allocate after optimizer.step."""
+
+    def __init__(self, peft_model):
+        self.peft_model = peft_model
+
+    def after_optimizer_step(self, state):
+        self.peft_model.base_model.update_and_allocate(state.step)
+
+
+class FloorModel(nn.Module):
+    """The frozen backbone with the embedding output requiring grad: backward flows through every layer's
+    activations but computes no weight gradient. One dummy trainable scalar lets the optimizer step run."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.dummy = nn.Parameter(torch.zeros(()))
+        emb = model.base_model.embeddings
+        emb.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+
+    def forward(self, **batch):
+        out = self.model(**batch)
+        out.loss = out.loss + 0.0 * self.dummy
+        return out
+
+
+def build(config: str, args) -> tuple[nn.Module, list, list]:
+    """(model, named trainable params, hooks) for one configuration."""
+    spec = model_spec(args.model)
+    tok_len = args.vocab
+    torch.manual_seed(0)
+    model = load_model(spec, 2, False, vocab_size=tok_len)
+    if args.model_dropout is not None:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = args.model_dropout
+    budget = Budget("bench", args.rank)
+    if config == "floor":
+        fm = FloorModel(model)
+        return fm, [("dummy", fm.dummy)], []
+    if config == "head_only":
+        head = freeze_backbone(model)
+        return model, head, []
+    if config == "full_ft":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, list(model.named_parameters()), []
+    if config.startswith("peft_"):
+        import peft
+
+        head = freeze_backbone(model)
+        head_names = sorted({n.rsplit(".", 1)[0].split(".")[0] for n, _ in head})
+        from lorabench.backbone import find_targets
+
+        targets = [t.name.split(".", 1)[1] for t in find_targets(model, spec, budget.target_modules)]
+        ours = {"peft_lora": "lora", "peft_dora": "dora", "peft_adalora": "adalora"}[config]
+        # same alpha as our method of the same name (LoRA's while that method is not registered)
+        alpha = float(method_cfg(ours if ours in methods.names() else "lora").get("alpha", 16))
+        if config == "peft_adalora":
+            cfg = peft.AdaLoraConfig(init_r=budget.init_rank, target_r=budget.rank, lora_alpha=alpha,
+                                     target_modules=targets, total_step=TOTAL_STEPS, tinit=10, tfinal=100,
+                                     deltaT=10, modules_to_save=head_names)
+        else:
+            cfg = peft.LoraConfig(r=args.rank, lora_alpha=alpha, lora_dropout=args.adapter_dropout,
+                                  target_modules=targets, use_dora=config == "peft_dora",
+                                  modules_to_save=head_names)
+        pm = peft.get_peft_model(model, cfg)
+        hooks = [PeftAdaLoraHook(pm)] if config == "peft_adalora" else []
+        return pm, [(n, p) for n, p in pm.named_parameters() if p.requires_grad], hooks
+    # a lorabench method
+    head = freeze_backbone(model)
+    mcfg = method_cfg(config)
+    if "dropout" in mcfg:
+        mcfg["dropout"] = args.adapter_dropout
+    m = methods.attach(model, spec, mcfg, budget)
+    return model, list(m.named_trainable_parameters()) + head, m.hooks() + [_MethodKeeper(m)]
+
+
+class _MethodKeeper(TrainerHook):
+    """Keeps the method object alive next to its model (and its regularizer reachable)."""
+
+    def __init__(self, method):
+        self.method = method
+
+
+class _OneBatch:
+    def __init__(self):
+        self.epoch = 0
+        self.skip_batches = 0
+
+    def __len__(self):
+        return TOTAL_STEPS
+
+
+def make_trainer(config: str, args) -> tuple[Trainer, dict]:
+    model, params, hooks = build(config, args)
+    reg = None
+    for h in hooks:
+        if isinstance(h, _MethodKeeper):
+            reg = h.method.regularizer
+    tcfg = TrainerConfig(epochs=1, max_steps=TOTAL_STEPS, batch_size=args.batch, precision=args.precision,
+                         device=args.device, progress_bar=False, warmup_steps=0)
+    tr = Trainer(tcfg, model, params, _OneBatch(), lambda m: {}, "accuracy", hooks=hooks, regularizer=reg)
+    for h in hooks:
+        h.on_train_begin(tr.state)
+    model.train()
+    return tr, make_batch(args.batch, args.seq, args.vocab)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(tr: Trainer, batch, n: int, device: str) -> list[float]:
+    out = []
+    for _ in range(n):
+        sync(device)
+        t0 = time.perf_counter()
+        tr._optimizer_step([batch])
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def configs(args) -> list[str]:
+    names = ["floor", "head_only", "full_ft"] + methods.names() + ["peft_lora", "peft_dora", "peft_adalora"]
+    if args.only:
+        keep = set(args.only.split(","))
+        names = [n for n in names if n in keep or n == "floor"]
+    return names
+
+
+def measure_memory(config: str, args) -> float:
+    """Peak memory of a fresh process running only `config` for a few steps."""
+    cmd = [sys.executable, __file__, "--memory-child", config, "--seq", str(args.seq)] + _passthrough(args)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    for line in out.stdout.splitlines():
+        if line.startswith("PEAK_MB "):
+            return float(line.split()[1])
+    raise RuntimeError(f"memory child for {config} failed:\n{out.stderr[-2000:]}")
+
+
+def _passthrough(args) -> list[str]:
+    return ["--model", args.model, "--batch", str(args.batch), "--rank", str(args.rank), "--precision",
+            args.precision, "--device", args.device, "--adapter-dropout", str(args.adapter_dropout), "--vocab",
+            str(args.vocab)] + (["--model-dropout", str(args.model_dropout)] if args.model_dropout is not None else [])
+
+
+def memory_child(config: str, args) -> None:
+    tr, batch = make_trainer(config, args)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    time_steps(tr, batch, 3, args.device)
+    print(f"PEAK_MB {peak_memory_mb(torch.device(args.device if args.device != 'auto' else 'cpu')):.1f}")
+
+
+def run_seq(args) -> list[dict]:
+    names = configs(args)
+    print(f"[seq {args.seq}] building {len(names)} configurations: {', '.join(names)}", file=sys.stderr)
+    trainers = {n: make_trainer(n, args) for n in names}
+    for n, (tr, b) in trainers.items():  # warm-up (allocator, autotuning, lazy optimizer state)
+        time_steps(tr, b, args.warmup, args.device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for n, (tr, b) in trainers.items():
+            times[n] += time_steps(tr, b, args.steps, args.device)
+        print(f"[seq {args.seq}] round {r + 1}/{args.rounds}: " +
+              ", ".join(f"{n} {1000 * statistics.median(times[n]):.0f}" for n in names), file=sys.stderr)
+    del trainers
+    rows = []
+    floor = statistics.median(times["floor"])
+    for n in names:
+        med = statistics.median(times[n])
+        row = {"config": n, "seq": args.seq, "median_ms": 1000 * med, "to_floor": med / floor,
+               "samples": len(times[n])}
+        if n in PEFT_OF and PEFT_OF[n] in times:
+            row["to_peft"] = med / statistics.median(times[PEFT_OF[n]])
+        rows.append(row)
+    if args.memory:
+        mem = {n: measure_memory(n, args) for n in names}
+        for row in rows:
+            row["peak_mb"] = mem[row["config"]]
+            if row["config"] in PEFT_OF and PEFT_OF[row["config"]] in mem:
+                row["mem_to_peft"] = mem[row["config"]] / mem[PEFT_OF[row["config"]]]
+    return rows
+
+
+def render(all_rows: list[dict], args, seconds: float) -> str:
+    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    lines = [f"# Step time per configuration ({dev}, {args.precision})", "",
+             f"Command: `python bench/step_time.py {' '.join(sys.argv[1:])}`", "",
+             f"Model {args.model}, batch {args.batch}, rank {args.rank} on all six maps of every block, adapter "
+             f"dropout {args.adapter_dropout}, model dropout {'default' if args.model_dropout is None else args.model_dropout}; "
+             f"median of {args.rounds}x{args.steps} interleaved steps after {args.warmup} warm-up; "
+             f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+             f"{os.cpu_count()} CPUs; whole bench {seconds:.0f} s.", "",
+             "`÷ floor`: step time over the frozen backbone's forward + activation-only backward. "
+             "`÷ PEFT`: over HF PEFT's implementation of the same method. Memory: peak "
+             f"{'RSS' if dev == 'cpu' else 'allocated CUDA memory'} of a process running only that configuration.",
+             ""]
+    for seq in sorted({r["seq"] for r in all_rows}):
+        rows = [r for r in all_rows if r["seq"] == seq]
+        lines += [f"## seq {seq}", "", "| config | ms/step | ÷ floor | ÷ PEFT | peak MB | mem ÷ PEFT |",
+                  "|---|---|---|---|---|---|"]
+        for r in rows:
+            f = lambda k, fmt: (fmt.format(r[k]) if k in r else "")  # noqa: E731
+            lines.append(f"| {r['config']} | {r['median_ms']:.0f} | {r['to_floor']:.2f} | {f('to_peft', '{:.2f}')} | "
+                         f"{f('peak_mb', '{:.0f}')} | {f('mem_to_peft', '{:.2f}')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--seqs", default="64,128", help="comma-separated sequence lengths")
+    p.add_argument("--seq", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--adapter-dropout", type=float, default=0.0)
+    p.add_argument("--model-dropout", type=float, default=None, help="override the backbone's dropout")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=1, help="timed steps per configuration per round")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--only", default=None, help="comma-separated configurations (floor is always kept)")
+    p.add_argument("--quick", action="store_true", help="tiny model, 1 round: a check of the script")
+    p.add_argument("--out", default=None, help="results file (default bench/results/step_time_<device>.md)")
+    p.add_argument("--vocab", type=int, default=30522, help=argparse.SUPPRESS)
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.memory_child:
+        memory_child(args.memory_child, args)
+        return 0
+    if args.quick:
+        args.model, args.seqs, args.rounds, args.batch, args.memory = "tiny", "16", 1, 4, False
+    t0 = time.perf_counter()
+    rows = []
+    for seq in [int(s) for s in args.seqs.split(",")]:
+        args.seq = seq
+        rows += run_seq(args)
+    text = render(rows, args, time.perf_counter() - t0)
+    print(text)
+    if not args.quick:
+        dev = "cuda" if args.device.startswith("cuda") else "cpu"
+        out = Path(args.out) if args.out else REPO / "bench" / "results" / f"step_time_{dev}.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        out.with_suffix(".json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows}, indent=2) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
