@@ -15,8 +15,14 @@ def main(cfg: DictConfig) -> None:
     config = OmegaConf.to_container(cfg, resolve=True)
     if in_sweep and config.get("group") is None:
         config["group"] = hc.sweep.dir.rstrip("/").split("/")[-1]
+    if config.get("run_name") is None:
+        # Dashboard name = the command-line overrides without the seed, so a config's seeds share one name.
+        shown = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") != "seed"]
+        config["run_name"] = ",".join(shown) or None
     run_configured_job(config, hc.runtime.output_dir, in_sweep=in_sweep)
 
 
 if __name__ == "__main__":
-    main()
+    from lorabench.cli import guard_hydra_main  # Hydra's own failures as one `error:` line (see cli.py)
+
+    guard_hydra_main(main)

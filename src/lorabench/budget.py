@@ -134,6 +134,32 @@ class PruneEvent:
     is_last: bool  # this event fixes the final mask
 
 
+def dora_dynamic_window(step: int, total_steps: int, warmup_frac: float = 0.15,
+                        final_frac: float = 0.50) -> tuple[int, int]:
+    """(p, P) of DoRA-dynamic: p = int(t − 0.15 T) (pruning progress, < 0 in the warm-up), P = int(0.35 T).
+
+    The reference code's float expressions and truncation toward zero, kept as they are (so for T = 1001 the
+    first event is at step 150 = ⌊0.15 T⌋).
+    """
+    return int(step - warmup_frac * total_steps), int(total_steps * (1.0 - warmup_frac - final_frac))
+
+
+def dora_dynamic_n_pruned(p: int, P: int, n_components: int, init_rank: int, target_rank: int) -> int:
+    """Components pruned at an event at progress p: max(floor(N (1 − r/r′) (p/P)³), 1).
+
+    Integer arithmetic [ours]: the code's float product can land a hair below an integer and end one component
+    above target (e.g. r = 9, r′ = 14); at p = P this gives N·(r′ − r)/r′ exactly, so #matrices·r stay. No
+    component is pruned when r′ == r (the code's max(k, 1) would prune one anyway).
+    """
+    if init_rank == target_rank:
+        return 0
+    if P <= 0:
+        k = n_components * (init_rank - target_rank) // init_rank
+    else:
+        k = n_components * (init_rank - target_rank) * p**3 // (init_rank * P**3)
+    return max(k, 1)
+
+
 def dora_dynamic_schedule(step: int, total_steps: int, n_components: int, init_rank: int, target_rank: int,
                           interval: int, warmup_frac: float = 0.15, final_frac: float = 0.50) -> PruneEvent:
     """DoRA-dynamic's pruning schedule, the reference code's form (methods.md §3.4).
@@ -141,8 +167,9 @@ def dora_dynamic_schedule(step: int, total_steps: int, n_components: int, init_r
     p = int(t − 0.15 T), P = int(0.35 T); events when p % interval == 0 or p == P; at an event prune
     k = floor(N (1 − r/r′) (p/P)³) components (at least one). Slow first, fast at the end.
     """
-    p = int(step - warmup_frac * total_steps)
-    P = int((1.0 - warmup_frac - final_frac) * total_steps)
+    if target_rank > init_rank:
+        raise ValueError(f"target rank {target_rank} exceeds the initial rank {init_rank}")
+    p, P = dora_dynamic_window(step, total_steps, warmup_frac, final_frac)
     if p < 0:
         return PruneEvent("warmup", False, 0, False)
     if p > P:
@@ -150,16 +177,14 @@ def dora_dynamic_schedule(step: int, total_steps: int, n_components: int, init_r
     is_last = p == P
     if p % interval != 0 and not is_last:
         return PruneEvent("prune", False, 0, False)
-    frac = (p / P) ** 3 if P > 0 else 1.0
-    k = int(math.floor(n_components * (1.0 - target_rank / init_rank) * frac))
-    return PruneEvent("prune", True, max(k, 1), is_last)
+    return PruneEvent("prune", True, dora_dynamic_n_pruned(p, P, n_components, init_rank, target_rank), is_last)
 
 
 def dora_dynamic_kept(step: int, total_steps: int, n_components: int, init_rank: int, target_rank: int,
-                      warmup_frac: float = 0.15, final_frac: float = 0.50) -> int:
-    """Components the schedule keeps after the event at `step` (no ties): N − k."""
-    p = int(step - warmup_frac * total_steps)
-    P = int((1.0 - warmup_frac - final_frac) * total_steps)
-    p = min(max(p, 0), P)
-    frac = (p / P) ** 3 if P > 0 else 1.0
-    return n_components - int(math.floor(n_components * (1.0 - target_rank / init_rank) * frac))
+                      interval: int, warmup_frac: float = 0.15, final_frac: float = 0.50) -> int:
+    """Components the schedule keeps after the latest event at or before `step` (no ties): N − k; N before any."""
+    p, P = dora_dynamic_window(step, total_steps, warmup_frac, final_frac)
+    if p < 0:
+        return n_components
+    p_event = P if p >= P else p - p % interval
+    return n_components - dora_dynamic_n_pruned(p_event, P, n_components, init_rank, target_rank)

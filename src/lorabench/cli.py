@@ -3,17 +3,19 @@
 Single run: a user-fixable error prints one line (`error: ...`) and exits 2; a bug keeps its traceback.
 Sweep job: every failure is recorded in that job's results.json and the sweep goes on (Hydra skips its
 multirun-end callback when a job raises); the reporter lists failed jobs and the sweep exits non-zero.
+Before a job starts, Hydra itself can fail (unknown group option, bad override, unwritable output directory):
+`guard_hydra_main` words those as one `error: ...` line too (exit 2) instead of Hydra's report.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import LorabenchError
-from .run import run_job
 
 log = logging.getLogger("lorabench")
 
@@ -21,7 +23,16 @@ log = logging.getLogger("lorabench")
 FAILED_JOBS: list[str] = []
 
 
+# Set once Hydra hands over to a job: an OSError before that is Hydra failing on the output directory.
+_JOB_STARTED = False
+
+
 def run_configured_job(config: dict[str, Any], out_dir: str | Path, in_sweep: bool = False) -> dict[str, Any] | None:
+    global _JOB_STARTED
+    _JOB_STARTED = True
+    from .run import run_job  # imported here: the entry guard below must stay light (no torch before Hydra)
+
+    _reset_device_memory_stats()
     try:
         return run_job(config, out_dir)
     except KeyboardInterrupt:
@@ -36,3 +47,75 @@ def run_configured_job(config: dict[str, Any], out_dir: str | Path, in_sweep: bo
             print(f"error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
         raise
+    finally:
+        _release_memory()
+
+
+def _reset_device_memory_stats() -> None:
+    """A sweep runs jobs in one process: each job's peak_memory_mb must be its own, not the sweep's so far."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _release_memory() -> None:
+    """Free the finished job's model, optimizer and cached CUDA blocks before the next job of the sweep."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def hydra_error_message(e: BaseException) -> str | None:
+    """One line for a failure of Hydra before the job (None: not such a failure, keep the traceback)."""
+    from hydra.errors import (CompactHydraException, HydraException, MissingConfigException,
+                              OverrideParseException)
+    from omegaconf.errors import OmegaConfBaseException
+
+    def first_lines(text: str, n: int = 2) -> str:
+        lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+        return " ".join(lines[:n])
+
+    if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
+        group, _, choice = str(e.missing_cfg_file).rpartition("/")
+        return (f"unknown {group or 'config'} {choice!r}; choose one of: {', '.join(e.options)} "
+                f"(the files in conf/{group}/)")
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse the override {e.override!r}: {first_lines(e.message, 1)} (see `python -m train --help`)"
+    if isinstance(e, (CompactHydraException, HydraException)):
+        cause = f" ({first_lines(e.__cause__, 1)})" if isinstance(e.__cause__, OmegaConfBaseException) else ""
+        return first_lines(e) + cause
+    if isinstance(e, OmegaConfBaseException):
+        return f"invalid configuration: {first_lines(e, 2)}"
+    if isinstance(e, OSError) and not isinstance(e, LorabenchError) and not _JOB_STARTED:
+        where = e.filename or "the output directory"
+        return (f"cannot create the run directory {where} ({e.strerror or e}); choose a writable one with "
+                f"hydra.run.dir=<dir> (or paths.runs_dir=<dir>)")
+    return None
+
+
+def guard_hydra_main(hydra_main: Callable[[], Any]) -> Any:
+    """Call a `@hydra.main` function so that Hydra's own failures end in one `error: ...` line (exit 2).
+
+    Hydra prints such failures itself unless HYDRA_FULL_ERROR is set, then re-raises them; we set it for the
+    call to word the message here. A user who sets HYDRA_FULL_ERROR gets Hydra's full tracebacks as usual.
+    """
+    global _JOB_STARTED
+    _JOB_STARTED = False
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        return hydra_main()
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        return hydra_main()
+    except Exception as e:
+        message = hydra_error_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)

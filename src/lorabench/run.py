@@ -3,6 +3,9 @@
 Takes a plain (resolved) config dict and an explicit output directory; Hydra stays in src/train.py. The run
 directory always ends with a results.json: status "ok" with the metrics, or status "failed" with the error
 and traceback (nothing claims success that did not finish). results.json is written atomically.
+
+Resume (`trainer.resume=true` or `=<run dir>`) continues a run from its newest complete checkpoint
+(training/checkpoint.py) in that run's directory; a refused resume leaves the earlier run's files untouched.
 """
 
 from __future__ import annotations
@@ -26,15 +29,18 @@ from . import methods
 from .backbone import ModelSpec, find_targets, freeze_backbone, load_model, load_tokenizer
 from .budget import Budget
 from .data import BatchLoader, Collator, TaskSpec, load_task_data, resolve_glue_dir
-from .errors import ConfigError, LorabenchError
+from .errors import ConfigError, LorabenchError, TrainingError
 from .metrics import compute_metrics
 from .tracking import build_tracker
+from .training import checkpoint as ckpt
 from .training.trainer import Trainer, TrainerConfig, peak_memory_mb
 
 log = logging.getLogger("lorabench")
 
 # trainer-group keys that shape the data rather than the loop
 DATA_KEYS = ("max_train_samples", "max_eval_samples", "max_seq_length", "group_by_length")
+# trainer-group keys about the run directory rather than the loop
+RUN_KEYS = ("resume",)
 
 
 def seed_everything(seed: int) -> None:
@@ -72,9 +78,10 @@ def package_versions() -> dict[str, str | None]:
 
 def trainer_config(d: dict[str, Any]) -> TrainerConfig:
     known = {f.name for f in fields(TrainerConfig)}
-    extra = {k: v for k, v in d.items() if k not in known and k not in DATA_KEYS and k not in ("name",)}
+    extra = {k: v for k, v in d.items() if k not in known and k not in DATA_KEYS + RUN_KEYS and k != "name"}
     if extra:
-        raise ConfigError(f"unknown trainer option(s) {sorted(extra)}; known: {sorted(known | set(DATA_KEYS))}")
+        raise ConfigError(f"unknown trainer option(s) {sorted(extra)}; known: "
+                          f"{sorted(known | set(DATA_KEYS) | set(RUN_KEYS))}")
     return TrainerConfig(**{k: v for k, v in d.items() if k in known})
 
 
@@ -114,18 +121,25 @@ def run_job(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     results: dict[str, Any] = {"status": "running", "config": cfg}
     tracker_box: list = []  # filled by _run once the tracker exists, so `finally` can finish it
+    record_dir: Path | None = out_dir  # where a failure is recorded; None: a directory we must not touch
     try:
         _check_writable(out_dir)
         results.update(_describe(cfg))
-        return _run(cfg, out_dir, results, t0, tracker_box)
+        if _holds_run(out_dir):
+            record_dir = None  # until it is clear we may continue (or replace) the run that is there
+        run_dir, resume = prepare_run_dir(cfg, out_dir)
+        record_dir = run_dir
+        if run_dir != out_dir:
+            _check_writable(run_dir)
+        return _run(cfg, run_dir, results, t0, tracker_box, resume)
     except BaseException as e:
         results["status"] = "failed"
         results["error"] = f"{type(e).__name__}: {e}"
         results["error_type"] = type(e).__name__
         results["traceback"] = traceback.format_exc()
         results["wall_seconds"] = time.perf_counter() - t0
-        if out_dir.is_dir() and os.access(out_dir, os.W_OK):
-            write_json_atomic(out_dir / "results.json", results)
+        if record_dir is not None and record_dir.is_dir() and os.access(record_dir, os.W_OK):
+            write_json_atomic(record_dir / "results.json", results)
         raise
     finally:
         if tracker_box:
@@ -143,12 +157,82 @@ def _check_writable(out_dir: Path) -> None:
                           f"hydra.run.dir=<dir> or paths.runs_dir=<dir>") from None
 
 
+def _holds_run(d: Path) -> bool:
+    return (d / ckpt.CHECKPOINT_DIR).is_dir() or (d / "results.json").exists()
+
+
+def _resume_target(value: Any) -> str | None:
+    """trainer.resume → None (fresh run), "" (this run dir) or a run directory path."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "false", "no")):
+        return None
+    if value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes")):
+        return ""
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"trainer.resume must be true, false or a run directory, got {value!r}")
+
+
+def prepare_run_dir(cfg: dict[str, Any], out_dir: Path) -> tuple[Path, ckpt.ResumePoint | None]:
+    """The directory this job writes to and the checkpoint it continues from (None: a fresh run).
+
+    Every refusal is a ConfigError raised before anything in an existing run directory is changed.
+    """
+    target = _resume_target((cfg.get("trainer") or {}).get("resume"))
+    if target is None:
+        if (out_dir / ckpt.CHECKPOINT_DIR).is_dir() and ckpt.complete_checkpoints(out_dir):
+            raise ConfigError(f"{out_dir} already holds checkpoints of an earlier run: continue it with "
+                              f"trainer.resume=true, or choose another hydra.run.dir (or delete "
+                              f"{out_dir / ckpt.CHECKPOINT_DIR})")
+        # a finished or failed earlier run without checkpoints: start over, its logs must not mix with ours
+        for name in ("metrics.jsonl", "train_log.jsonl"):
+            ckpt.truncate_jsonl(out_dir / name, 0)
+        return out_dir, None
+
+    run_dir = out_dir if target == "" else Path(target).expanduser()
+    how = "trainer.resume=true" if target == "" else f"trainer.resume={target}"
+    if not run_dir.is_dir():
+        raise ConfigError(f"nothing to resume: {run_dir} is not a directory ({how}). Pass the run directory "
+                          f"to continue: trainer.resume=<run dir>")
+    run_dir = run_dir.resolve()
+    found = ckpt.latest_checkpoint(run_dir)
+    if found is None:
+        hint = ("; with the default time-stamped run directory pass the run to continue: trainer.resume=<run dir>"
+                if target == "" else "")
+        raise ConfigError(f"nothing to resume: {run_dir} has no complete checkpoint (checkpoints/step-*/"
+                          f"{ckpt.MANIFEST}); runs save them with trainer.checkpoint_every=<steps>{hint}")
+    previous = run_dir / "results.json"
+    if previous.exists():
+        try:
+            status = json.loads(previous.read_text()).get("status")
+        except ValueError:
+            status = None
+        if status == "ok":
+            raise ConfigError(f"nothing to resume: the run in {run_dir} already finished (results.json status ok)")
+    manifest = ckpt.check_resumable(found, cfg)
+    return run_dir, ckpt.ResumePoint(run_dir=run_dir, ckpt_dir=found, step=int(manifest["step"]))
+
+
 def _describe(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"task": cfg["task"]["name"], "method": cfg["method"]["name"], "model": cfg["model"]["name"],
             "budget": cfg["budget"].get("name", f"r{cfg['budget']['rank']}"), "seed": cfg["seed"]}
 
 
-def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float, tracker_box: list) -> dict[str, Any]:
+def build_adapted_model(model_spec: ModelSpec, spec: TaskSpec, method_cls, method_config: dict[str, Any],
+                        budget: Budget, seed: int, vocab_size: int):
+    """(model, head, method): the backbone with a fresh task head and the method attached, a pure function of
+    its arguments (export.py rebuilds a run's model with it)."""
+    seed_everything(seed)  # the head init (and a config-built backbone) depend on the seed only
+    model = load_model(model_spec, spec.num_labels, spec.is_regression, vocab_size=vocab_size)
+    head = freeze_backbone(model)
+    targets = find_targets(model, model_spec, budget.target_modules)
+    seed_everything(seed)  # the adapter init depends on the seed only, not on what loading consumed
+    method = method_cls(method_config, budget)
+    method.attach(model, targets)
+    return model, head, method
+
+
+def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float, tracker_box: list,
+         resume: ckpt.ResumePoint | None = None) -> dict[str, Any]:
     seed = int(cfg["seed"])
     method_cls = methods.get(cfg["method"]["name"])  # fail on an unknown method before loading anything
     spec = TaskSpec.from_dict(cfg["task"])
@@ -167,12 +251,8 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     log.info("data: train %d examples (%s); eval %s", len(data.train), data.sources["train"],
              ", ".join(f"{k} {len(v)}" for k, v in data.evals.items()))
 
-    model = load_model(model_spec, spec.num_labels, spec.is_regression, vocab_size=len(tokenizer))
-    head = freeze_backbone(model)
-    targets = find_targets(model, model_spec, budget.target_modules)
-    seed_everything(seed)  # the adapter init depends on the seed only, not on what loading consumed
-    method = method_cls(cfg["method"], budget)
-    method.attach(model, targets)
+    model, head, method = build_adapted_model(model_spec, spec, method_cls, cfg["method"], budget, seed,
+                                              len(tokenizer))
     ledger = method.ledger()
     ledger.head_params = sum(p.numel() for _, p in head)
     log.info("method %s on %s | budget %s | %s", method.name, model_spec.name, budget.name, ledger.summary())
@@ -185,6 +265,11 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     trainer_ref: list = []
     evaluate = make_evaluator(spec, eval_loaders, trainer_ref)
 
+    if resume is not None:
+        # the resumed run redoes every step after the checkpoint: drop what the killed run logged past it
+        for name in ("metrics.jsonl", "train_log.jsonl"):
+            ckpt.truncate_jsonl(out_dir / name, resume.step)
+        results["resumed_from"] = {"checkpoint": str(resume.ckpt_dir), "step": resume.step}
     meta = {"task": spec.name, "name": cfg.get("run_name") or f"{spec.name}-{method.name}-{budget.name}",
             "group": cfg.get("group"), "tags": [method.name, spec.name, model_spec.name, budget.name]}
     tracker = build_tracker(cfg.get("logger") or {}, out_dir, cfg, meta)
@@ -197,19 +282,28 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
         log.info("eval step %d epoch %d: %s", record["step"], record["epoch"], shown)
 
     train_params = list(method.named_trainable_parameters()) + head
+    checkpointer = None
+    if tcfg.checkpoint_every > 0 or resume is not None:
+        checkpointer = ckpt.Checkpointer(out_dir, tcfg.checkpoint_every, tcfg.keep_checkpoints,
+                                         ckpt.config_fingerprint(cfg), method, model, resume=resume)
     trainer = Trainer(tcfg, model, train_params, train_loader, evaluate, spec.primary_metric,
                       hooks=method.hooks(), regularizer=method.regularizer, log=tracker.log_metrics,
-                      on_eval=on_eval, head_param_names=[n for n, _ in head])
+                      on_eval=on_eval, head_param_names=[n for n, _ in head], checkpointer=checkpointer)
     trainer_ref.append(trainer)
     log.info("training %d steps (%d epochs x %d steps, batch %d x accum %d) on %s, precision %s",
              trainer.total_steps, trainer.epochs, trainer.steps_per_epoch, tcfg.batch_size, tcfg.grad_accum,
              trainer.device, tcfg.precision)
-    fit = trainer.fit()
+    try:
+        fit = trainer.fit()
+    except TrainingError as e:
+        if checkpointer is not None and checkpointer.last_saved is not None:
+            raise TrainingError(f"{e} The last good checkpoint is {checkpointer.last_saved}.") from None
+        raise
 
     ledger = method.ledger()
     ledger.head_params = sum(p.numel() for _, p in head)
     log.info("final | %s", ledger.summary())
-    _save_adapter(out_dir / "adapter", method, head, cfg)
+    exports = _save_adapter(out_dir / "adapter", method, model, head, cfg)
 
     key = f"eval/{spec.primary_metric}"
     total_params = sum(p.numel() for p in model.parameters())
@@ -223,6 +317,7 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
         "history": fit.history,
         "ledger": ledger.to_dict(),
         "rank_pattern": method.rank_pattern(),
+        "adapter_exports": exports,
         "params": {"trainable": sum(p.numel() for _, p in train_params), "adapter_trainable": ledger.trainable_now,
                    "adapter_stored": ledger.stored_at_end, "head": ledger.head_params, "total": total_params},
         "timings": {"train_seconds": fit.train_seconds, "eval_seconds": fit.eval_seconds,
@@ -244,21 +339,23 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     return results
 
 
-def _save_adapter(adapter_dir: Path, method, head, cfg: dict[str, Any]) -> None:
-    """adapter/: the adapter tensors and the task head (safetensors) plus what is needed to rebuild them."""
+def _save_adapter(adapter_dir: Path, method, model, head, cfg: dict[str, Any]) -> dict[str, str]:
+    """adapter/: the adapter tensors and the task head (safetensors) plus what is needed to rebuild them, and
+    the interchange forms export.py can write (an HF PEFT adapter, or merged weights). Returns the latter."""
     from safetensors.torch import save_file
+
+    from . import export
 
     adapter_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"adapter.{k}": v.contiguous() for k, v in method.adapter_state_dict().items()}
     tensors.update({f"head.{n}": p.detach().contiguous().clone() for n, p in head})
     save_file(tensors, str(adapter_dir / "lorabench_adapter.safetensors"))
     meta = {"method": cfg["method"], "budget": cfg["budget"], "model": cfg["model"], "task": cfg["task"]["name"],
+            "task_spec": cfg["task"], "seed": cfg["seed"], "vocab_size": model.config.vocab_size,
             "targets": [asdict(t) for t in method.targets.values()], "rank_pattern": method.rank_pattern(),
             "method_state": _jsonable_state(method.state_dict())}
     write_json_atomic(adapter_dir / "lorabench_adapter.json", meta)
-    export = getattr(method, "export_peft", None)
-    if export is not None:
-        export(adapter_dir, head)
+    return export.export_adapter(adapter_dir, method, model, [n for n, _ in head], ModelSpec.from_dict(cfg["model"]))
 
 
 def _jsonable_state(state: dict[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,8 @@ class TrainerConfig:
     eval_every: int = 0  # optimizer steps between evaluations; 0 = at the end of every epoch
     log_every: int = 10
     progress_bar: bool = True
+    checkpoint_every: int = 0  # optimizer steps between checkpoints (training/checkpoint.py); 0 = none
+    keep_checkpoints: int = 2  # complete checkpoints kept; older ones are deleted after each save
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -50,8 +52,12 @@ class TrainerConfig:
         for key in ("batch_size", "grad_accum", "epochs"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
-        if self.lr <= 0:
+        if not self.lr > 0:  # also refuses NaN
             raise ConfigError(f"trainer.lr must be > 0, got {self.lr}")
+        if int(self.checkpoint_every) < 0:
+            raise ConfigError(f"trainer.checkpoint_every must be >= 0 (0 = no checkpoints), got {self.checkpoint_every}")
+        if int(self.keep_checkpoints) < 1:
+            raise ConfigError(f"trainer.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,6 +117,7 @@ class Trainer:
         log: Callable[[dict[str, Any], int], None] | None = None,
         on_eval: Callable[[dict[str, Any]], None] | None = None,
         head_param_names: Iterable[str] = (),
+        checkpointer=None,
     ) -> None:
         self.cfg = config
         self.device = resolve_device(config.device)
@@ -160,6 +167,12 @@ class Trainer:
         self.result = FitResult()
         self._start_epoch = 0
         self._skip_batches = 0
+        # The running mean of train/loss between log lines; fields, not locals, so a checkpoint can carry them.
+        self._running_loss = 0.0
+        self._running_n = 0
+        # Saves at after_step() and, when resuming, restores everything in fit() right after on_train_begin
+        # (so a hook's begin-of-training setup cannot overwrite the restored state). See checkpoint.py.
+        self.checkpointer = checkpointer
 
     # --- helpers hooks may use -------------------------------------------------------------------------------
     def reset_optimizer_state(self, params: Iterable[nn.Parameter]) -> None:
@@ -180,6 +193,8 @@ class Trainer:
         cfg, st = self.cfg, self.state
         for h in self.hooks:
             h.on_train_begin(st)
+        if self.checkpointer is not None:
+            self.checkpointer.restore(self)
         bar = None
         if cfg.progress_bar:
             from tqdm.auto import tqdm
@@ -188,9 +203,10 @@ class Trainer:
                        file=sys.stderr, mininterval=1.0)
         t_start = time.perf_counter()
         t_eval = 0.0
-        running_loss, running_n = 0.0, 0
         try:
             for epoch in range(self._start_epoch, self.epochs):
+                if st.step >= self.total_steps:  # resumed from the checkpoint of the last step
+                    break
                 st.epoch = epoch
                 self.model.train()
                 self.train_loader.epoch = epoch
@@ -211,17 +227,17 @@ class Trainer:
                     accum_batches = []
                     st.micro_step = micro
                     if loss is not None:
-                        running_loss += loss
-                        running_n += 1
+                        self._running_loss += loss
+                        self._running_n += 1
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(self._postfix(loss), refresh=False)
-                    if st.step % cfg.log_every == 0 and running_n:
-                        self.log({"train/loss": running_loss / running_n,
+                    if st.step % cfg.log_every == 0 and self._running_n:
+                        self.log({"train/loss": self._running_loss / self._running_n,
                                   "train/lr": self.optimizer.param_groups[0]["lr"], "train/epoch": epoch,
                                   **{f"train/{k}": v for h in self.hooks for k, v in h.progress().items()}},
                                  st.step)
-                        running_loss, running_n = 0.0, 0
+                        self._running_loss, self._running_n = 0.0, 0
                     end_of_epoch = batches_left == 0
                     if (cfg.eval_every and st.step % cfg.eval_every == 0) or \
                             (not cfg.eval_every and end_of_epoch) or st.step == self.total_steps:
@@ -244,7 +260,9 @@ class Trainer:
         return self.result
 
     def after_step(self) -> None:
-        """Called after every optimizer step's bookkeeping; checkpointing plugs in here."""
+        """Called after every optimizer step's bookkeeping (log, eval); checkpointing plugs in here."""
+        if self.checkpointer is not None:
+            self.checkpointer.after_step(self)
 
     def _postfix(self, loss: float | None) -> dict[str, Any]:
         out: dict[str, Any] = {"loss": f"{loss:.4f}" if loss is not None else "skip"}

@@ -1,0 +1,94 @@
+"""The Hydra callback of `python -m train -m ...` (registered in conf/config.yaml under hydra.callbacks).
+
+- on_job_start: under a parallel launcher (joblib, submitit), caps torch's intra-op threads per job so that
+  jobs running side by side do not oversubscribe the cores (n_jobs jobs × all cores each).
+- on_multirun_end: runs the reporter (lorabench.report) on the sweep directory, then exits non-zero when any
+  job failed: recorded in this process (lorabench.cli.FAILED_JOBS, the basic launcher) or found in the sweep
+  directory (a failed or missing results.json: the only trace of a job that ran in another process).
+
+Hydra calls on_multirun_end only when no job raised; lorabench.cli records failures instead of raising in
+sweeps, so the report is written even when jobs fail. Besides src/train.py, this is the only module that
+imports Hydra.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("lorabench")
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_for_launcher(launcher: dict[str, Any], cpus: int) -> int | None:
+    """torch threads per job under this launcher config; None leaves torch's default (the basic launcher)."""
+    target = str(launcher.get("_target_", ""))
+    if "joblib" in target.lower():
+        n_jobs = int(launcher.get("n_jobs") or 1)
+        if n_jobs < 0:  # joblib: -1 = all CPUs, -2 = all but one, ...
+            n_jobs = max(1, cpus + 1 + n_jobs)
+        return max(1, cpus // n_jobs)
+    if "submitit" in target.lower():
+        if launcher.get("cpus_per_task"):
+            return int(launcher["cpus_per_task"])
+        # submitit's local executor starts every job at once; a SLURM job owns its allocation
+        return 1 if "LocalLauncher" in target else None
+    return None
+
+
+class SweepReportCallback(Callback):
+    """Thread caps per job; the report and a non-zero exit status at the end of a sweep."""
+
+    def __init__(self, report: bool = True, plots: bool = True, fail_exit_code: int = 1,
+                 threads_per_job: int | None = None) -> None:
+        self.report = report
+        self.plots = plots
+        self.fail_exit_code = fail_exit_code
+        self.threads_per_job = threads_per_job
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launcher = OmegaConf.to_container(config.hydra.launcher, resolve=True) if "launcher" in config.hydra else {}
+        threads = self.threads_per_job or threads_for_launcher(launcher or {}, _cpu_count())
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+            log.info("torch threads for this job: %d (parallel launcher)", int(threads))
+            # Tokenizers fork their own pool per process otherwise; jobs are the parallelism here.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from . import cli
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        failed = [Path(d).resolve() for d in cli.FAILED_JOBS]
+        report_ok = True
+        if self.report and sweep_dir.is_dir():
+            try:
+                from .report import build_report
+
+                rep = build_report(sweep_dir, sweep_dir, plots=self.plots)
+                failed += [j.dir.resolve() for j in rep.failed + rep.broken]
+                log.info("sweep report: %s (%d ok, %d failed, %d without readable results.json)",
+                         sweep_dir / "report.md", len(rep.ok), len(rep.failed), len(rep.broken))
+            except Exception:  # the sweep's results are on disk; `python -m report` can be rerun by hand
+                report_ok = False
+                log.exception("the sweep report failed; run `python -m report %s` to retry", sweep_dir)
+        failed = sorted({str(d) for d in failed})
+        if failed:
+            log.error("%d job(s) failed:\n  %s", len(failed), "\n  ".join(failed))
+        if failed or not report_ok:
+            # SystemExit is not an Exception: it passes Hydra's callback guard and sets the exit status.
+            sys.exit(self.fail_exit_code)

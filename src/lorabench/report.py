@@ -1,0 +1,764 @@
+"""`python -m report <sweep dir or runs dir> [--out DIR]`: aggregate run directories into tables and plots.
+
+Reads only the results contract of each job directory (found recursively): results.json and metrics.jsonl
+(plus .hydra/config.yaml, only to name a job whose results.json is missing or unreadable). Writes to --out
+(default: the directory given):
+
+  report.md / report.csv / report.tex   two tables, best epoch and last epoch: one row per method (× budget when
+                                        the runs have more than one budget; × model when more than one model;
+                                        × the method options that differ between runs, e.g. `alpha=8`), one
+                                        column per GLUE task in GLUE order plus the GLUE average; cells are the
+                                        mean ± sample std (ddof=1) over seeds with the seed count "(n=K)";
+                                        failed, unreadable and missing jobs are listed under the tables
+  plots/ranks_<row>_<task>.png          final rank allocation (layer × matrix type) of rank-adaptive methods
+  plots/eval_<task>.png                 the averaged metric vs optimizer step, one line per run
+  plots/budget_<task>.png               total rank budget vs step (train/budget when the method logs it,
+                                        else ranks/total, the Σ of effective ranks at each evaluation)
+
+Metric conventions (values are shown ×100, as in the papers): CoLA MCC; SST-2, QNLI, RTE, WNLI accuracy;
+MRPC and QQP accuracy / F1; STS-B Pearson / Spearman; MNLI matched / mismatched accuracy. The GLUE average
+takes one number per task, the first of each pair (MRPC and QQP accuracy, STS-B Pearson, MNLI matched
+accuracy): the LoRA paper's Table 2 convention.
+
+Exit status: 0 when every job found is ok, 1 when the report was written but some job failed or has no
+readable results.json, 2 when there is nothing to report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+GLUE_ORDER = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+TASK_TITLES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
+               "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
+# Metrics shown per task, in paper order; the first one is the task's number in the GLUE average.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "cola": ("mcc",), "sst2": ("accuracy",), "mrpc": ("accuracy", "f1"), "qqp": ("accuracy", "f1"),
+    "stsb": ("pearson", "spearman"), "mnli": ("accuracy", "accuracy_mm"), "qnli": ("accuracy",),
+    "rte": ("accuracy",), "wnli": ("accuracy",),
+}
+METRIC_TITLES = {"accuracy": "acc", "accuracy_mm": "mm", "f1": "F1", "mcc": "MCC", "pearson": "Pearson",
+                 "spearman": "Spearman"}
+METHOD_ORDER = ("lora", "dora", "dora_dynamic", "adalora", "xgblora", "dynamic_lora")
+SELECTIONS = (("best", "Best epoch", "the best evaluation of each run (by its primary metric), then mean ± std "
+               "over seeds"),
+              ("last", "Last epoch", "the final evaluation of each run, then mean ± std over seeds"))
+# Sub-directories of a job directory that never hold another job.
+SKIP_DIRS = {".hydra", "wandb", "tensorboard", "adapter", "plots", ".submitit", "checkpoints", "checkpoint",
+             "__pycache__"}
+# Module-name suffix (after `...layer.<i>.`) → matrix type, for BERT/RoBERTa and DeBERTa-v2/v3 names.
+MATRIX_TYPES = {
+    "attention.self.query": "query", "attention.self.query_proj": "query",
+    "attention.self.key": "key", "attention.self.key_proj": "key",
+    "attention.self.value": "value", "attention.self.value_proj": "value",
+    "attention.output.dense": "attn_out", "intermediate.dense": "ffn_in", "output.dense": "ffn_out",
+}
+MATRIX_ORDER = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|block|blocks|h)\.(\d+)\.(.+)$")
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One job directory: parsed results (None when unreadable) and its evaluations."""
+
+    dir: Path
+    rel: str
+    results: dict[str, Any] | None = None
+    problem: str | None = None  # why the job has no usable results
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    hydra_cfg: dict[str, Any] | None = None
+
+    @property
+    def status(self) -> str:
+        if self.results is None:
+            return "unreadable" if (self.dir / "results.json").exists() else "missing"
+        return str(self.results.get("status", "unknown"))
+
+    def _cfg(self) -> dict[str, Any]:
+        if self.results is not None and isinstance(self.results.get("config"), dict):
+            return self.results["config"]
+        return self.hydra_cfg or {}
+
+    def field(self, name: str) -> Any:
+        """task / method / budget / model / seed from results.json, else from the config it ran with."""
+        if self.results is not None and self.results.get(name) is not None:
+            return self.results[name]
+        cfg = self._cfg()
+        if name == "seed":
+            return cfg.get("seed")
+        sub = cfg.get(name)
+        if isinstance(sub, dict):
+            return sub.get("name", f"r{sub['rank']}" if name == "budget" and "rank" in sub else None)
+        return None
+
+    def describe(self) -> str:
+        parts = [f"{k} {self.field(k)}" for k in ("method", "task", "budget", "seed") if self.field(k) is not None]
+        return ", ".join(parts) if parts else "unknown configuration"
+
+
+def find_job_dirs(root: Path) -> list[Path]:
+    """Directories holding a job's contract files (results.json, metrics.jsonl or .hydra/), recursively."""
+    found = []
+    for path, dirs, files in _walk(root):
+        if "results.json" in files or "metrics.jsonl" in files or ".hydra" in dirs:
+            found.append(path)
+            dirs[:] = []  # a job directory holds no other job
+        else:
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+    return sorted(found, key=_natural_key)
+
+
+def _walk(root: Path):
+    import os
+
+    for path, dirs, files in os.walk(root):
+        yield Path(path), dirs, files
+
+
+def _natural_key(p: Path | str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]
+
+
+def read_job(job_dir: Path, root: Path) -> Job:
+    rel = str(job_dir.relative_to(root)) if job_dir != root else "."
+    job = Job(dir=job_dir, rel=rel)
+    results_path = job_dir / "results.json"
+    if results_path.exists():
+        try:
+            data = json.loads(results_path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"top level is {type(data).__name__}, not an object")
+            job.results = data
+        except (ValueError, OSError) as e:
+            job.problem = f"results.json is unreadable (half-written?): {type(e).__name__}: {e}"
+    else:
+        job.problem = "no results.json (the job was killed, is still running, or never finished)"
+    if job.results is not None and job.results.get("status") == "ok":
+        best, last = job.results.get("best"), job.results.get("last")
+        if not isinstance(best, dict) or not isinstance(last, dict):
+            job.problem = "results.json has status ok but no best/last metrics"
+            job.results = None
+    job.evals = _read_jsonl(job_dir / "metrics.jsonl")
+    if job.results is None:
+        job.hydra_cfg = _read_hydra_config(job_dir)
+    return job
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Parsed lines; a torn last line (a job killed mid-write) is skipped."""
+    out = []
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def _read_hydra_config(job_dir: Path) -> dict[str, Any] | None:
+    path = job_dir / ".hydra" / "config.yaml"
+    if not path.exists():
+        return None
+    try:
+        import yaml
+
+        data = yaml.safe_load(path.read_text())
+        return data if isinstance(data, dict) else None
+    except Exception:  # a label is all we wanted; the job is reported as unreadable anyway
+        return None
+
+
+# --- aggregation --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RowKey:
+    method: str
+    variant: str  # the method options that differ between runs of this method, e.g. "alpha=8"
+    budget: str
+    model: str
+
+
+@dataclass
+class Cell:
+    runs: list[Job]
+
+    def values(self, selection: str, metric: str) -> list[float]:
+        out = []
+        for j in self.runs:
+            v = j.results[selection].get(f"eval/{metric}")
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                out.append(float(v))
+        return out
+
+    def by_seed(self, selection: str, metric: str) -> dict[Any, float]:
+        per_seed: dict[Any, list[float]] = {}
+        for j in self.runs:
+            v = j.results[selection].get(f"eval/{metric}")
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                per_seed.setdefault(j.field("seed"), []).append(float(v))
+        return {s: statistics.fmean(vs) for s, vs in per_seed.items()}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1; None for a single value)."""
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def task_metrics(task: str, runs: Iterable[Job]) -> tuple[str, ...]:
+    """Metrics shown for a task: the paper convention, or the run's primary metric for a non-GLUE task."""
+    if task in TASK_METRICS:
+        return TASK_METRICS[task]
+    for j in runs:
+        key = j.results.get("primary_metric") or ""
+        if key.startswith("eval/"):
+            return (key[len("eval/"):],)
+    return ("accuracy",)
+
+
+def task_order(tasks: Iterable[str]) -> list[str]:
+    tasks = set(tasks)
+    return [t for t in GLUE_ORDER if t in tasks] + sorted(tasks - set(GLUE_ORDER))
+
+
+def _method_rank(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def _budget_rank(budget: str) -> tuple[int, str]:
+    m = re.fullmatch(r"r(\d+)", budget)
+    return (-int(m.group(1)) if m else 0, budget)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def row_keys(jobs: list[Job]) -> dict[int, RowKey]:
+    """RowKey per job (by id): method, the method options that vary between its runs, budget, model."""
+    method_cfgs: dict[str, list[dict[str, Any]]] = {}
+    for j in jobs:
+        cfg = (j.results.get("config") or {}).get("method") or {}
+        method_cfgs.setdefault(str(j.field("method")), []).append(_flatten(cfg))
+    varying: dict[str, list[str]] = {}
+    for method, cfgs in method_cfgs.items():
+        keys = sorted(set().union(*cfgs) - {"name"})
+        varying[method] = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in cfgs}) > 1]
+    out = {}
+    for j in jobs:
+        method = str(j.field("method"))
+        cfg = _flatten((j.results.get("config") or {}).get("method") or {})
+        variant = ",".join(f"{k}={cfg.get(k)}" for k in varying[method])
+        out[id(j)] = RowKey(method, variant, str(j.field("budget")), str(j.field("model")))
+    return out
+
+
+@dataclass
+class Table:
+    """What the three writers render: rows × tasks with the cells' runs."""
+
+    rows: list[RowKey]
+    tasks: list[str]
+    cells: dict[tuple[RowKey, str], Cell]
+    show_budget: bool
+    show_model: bool
+    stored: dict[RowKey, tuple[float, float, bool]]  # mean adapter_stored, mean extra_stored, all equal?
+
+    def row_label(self, row: RowKey) -> str:
+        return row.method + (f" ({row.variant})" if row.variant else "")
+
+    def metrics(self, task: str) -> tuple[str, ...]:
+        runs = [j for r in self.rows for j in (self.cells.get((r, task)) or Cell([])).runs]
+        return task_metrics(task, runs)
+
+    def header(self, task: str) -> str:
+        return f"{TASK_TITLES.get(task, task)} ({'/'.join(METRIC_TITLES.get(m, m) for m in self.metrics(task))})"
+
+    def stats(self, row: RowKey, task: str, selection: str) -> list[tuple[str, float, float | None, int]] | None:
+        """[(metric, mean, std, n)] for a cell, None when the cell has no ok run."""
+        cell = self.cells.get((row, task))
+        if cell is None:
+            return None
+        out = []
+        for metric in self.metrics(task):
+            vals = cell.values(selection, metric)
+            if vals:
+                m, s = mean_std(vals)
+                out.append((metric, m, s, len(vals)))
+        return out or None
+
+    def average(self, row: RowKey, selection: str) -> tuple[float, float | None, int | None, int] | None:
+        """GLUE average over the tasks this row has: (mean, std over seeds, n seeds, n tasks).
+
+        The std is that of per-seed averages and is given only when every task of the row ran the same seeds.
+        """
+        means, per_seed = [], []
+        for task in self.tasks:
+            cell = self.cells.get((row, task))
+            if cell is None:
+                continue
+            metric = self.metrics(task)[0]
+            vals = cell.values(selection, metric)
+            if not vals:
+                continue
+            means.append(statistics.fmean(vals))
+            per_seed.append(cell.by_seed(selection, metric))
+        if not means:
+            return None
+        seed_sets = {frozenset(d) for d in per_seed}
+        std, n = None, None
+        if len(seed_sets) == 1:
+            seeds = sorted(next(iter(seed_sets)), key=str)
+            n = len(seeds)
+            if n > 1:
+                std = statistics.stdev([statistics.fmean(d[s] for d in per_seed) for s in seeds])
+        return statistics.fmean(means), std, n, len(means)
+
+
+def build_table(ok_jobs: list[Job], failed_jobs: Sequence[Job] = ()) -> Table:
+    """Cells from the ok jobs; failed jobs (with a readable results.json) still add their row and task, so a
+    configuration that failed everywhere shows up as a row of "—"."""
+    failed_jobs = [j for j in failed_jobs if j.field("method") is not None and j.field("task") is not None]
+    keys = row_keys(list(ok_jobs) + failed_jobs)
+    cells: dict[tuple[RowKey, str], Cell] = {}
+    for j in ok_jobs:
+        cells.setdefault((keys[id(j)], str(j.field("task"))), Cell([])).runs.append(j)
+    rows = sorted(set(keys.values()), key=lambda r: (_method_rank(r.method), r.variant, _budget_rank(r.budget),
+                                                   r.model))
+    tasks = {str(j.field("task")) for j in list(ok_jobs) + failed_jobs}
+    stored = {}
+    for row in rows:
+        runs = [j for j in ok_jobs if keys[id(j)] == row]
+        adapter = [float((j.results.get("ledger") or {}).get("adapter_stored", float("nan"))) for j in runs]
+        extra = [float((j.results.get("ledger") or {}).get("extra_stored", 0) or 0) for j in runs]
+        adapter = [a for a in adapter if math.isfinite(a)]
+        stored[row] = (statistics.fmean(adapter) if adapter else float("nan"), statistics.fmean(extra) if extra else 0.0,
+                       len(set(adapter)) <= 1)
+    return Table(rows=rows, tasks=task_order(tasks), cells=cells,
+                 show_budget=len({r.budget for r in rows}) > 1, show_model=len({r.model for r in rows}) > 1,
+                 stored=stored)
+
+
+# --- formatting ---------------------------------------------------------------------------------------------
+
+def fmt_params(n: float) -> str:
+    if not math.isfinite(n):
+        return "—"
+    if n >= 1e5:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}K"
+    return f"{n:.0f}"
+
+
+def fmt_stat(mean: float, std: float | None, tex: bool = False) -> str:
+    if tex:
+        return f"${100 * mean:.2f}_{{\\pm {100 * std:.2f}}}$" if std is not None else f"${100 * mean:.2f}$"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if std is not None else f"{100 * mean:.2f}"
+
+
+def fmt_cell(stats: list[tuple[str, float, float | None, int]] | None, tex: bool = False) -> str:
+    if not stats:
+        return "—"
+    body = " / ".join(fmt_stat(m, s, tex) for _, m, s, _ in stats)
+    ns = {n for *_, n in stats}
+    n = f"(n={ns.pop()})" if len(ns) == 1 else "(n=" + "/".join(str(n) for *_, n in stats) + ")"
+    return f"{body} {n}" if not tex else f"{body}\\,{{\\scriptsize {n}}}"
+
+
+def fmt_average(avg, n_tasks: int, tex: bool = False) -> str:
+    if avg is None:
+        return "—"
+    mean, std, n, k = avg
+    text = fmt_stat(mean, std, tex)
+    if n is not None:
+        text += f" (n={n})" if not tex else f"\\,{{\\scriptsize (n={n})}}"
+    if k < n_tasks:
+        text += f" [{k}/{n_tasks} tasks]" if not tex else f"\\,{{\\scriptsize [{k}/{n_tasks}]}}"
+    return text
+
+
+def _row_prefix(table: Table, row: RowKey, tex: bool = False) -> list[str]:
+    label = table.row_label(row)
+    cells = [_tex_escape(label) if tex else label]
+    if table.show_budget:
+        cells.append(_tex_escape(row.budget) if tex else row.budget)
+    if table.show_model:
+        cells.append(_tex_escape(row.model) if tex else row.model)
+    adapter, extra, equal = table.stored[row]
+    text = ("" if equal else "≈" if not tex else "$\\approx$") + fmt_params(adapter)
+    if extra:
+        text += f" (+{fmt_params(extra)})"
+    cells.append(text)
+    return cells
+
+
+def _header_prefix(table: Table) -> list[str]:
+    return ["method"] + (["budget"] if table.show_budget else []) + (["model"] if table.show_model else []) + \
+        ["stored params"]
+
+
+def markdown_table(table: Table, selection: str) -> str:
+    head = _header_prefix(table) + [table.header(t) for t in table.tasks] + ["GLUE avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for row in table.rows:
+        cells = _row_prefix(table, row) + [fmt_cell(table.stats(row, t, selection)) for t in table.tasks]
+        cells.append(fmt_average(table.average(row, selection), len(table.tasks)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _tex_escape(s: str) -> str:
+    return re.sub(r"([_&%#$])", r"\\\1", s)
+
+
+def tex_table(table: Table, selection: str, title: str) -> str:
+    head = _header_prefix(table) + [table.header(t) for t in table.tasks] + ["Avg"]
+    cols = "l" * (len(_header_prefix(table)) - 1) + "r" + "c" * (len(table.tasks) + 1)
+    lines = ["\\begin{table}[t]", "\\centering", "\\small",
+             f"\\caption{{{title}: mean $\\pm$ std over seeds (n = number of seeds), metrics $\\times 100$.}}",
+             f"\\begin{{tabular}}{{{cols}}}", "\\toprule",
+             " & ".join(_tex_escape(h) for h in head) + " \\\\", "\\midrule"]
+    for row in table.rows:
+        cells = _row_prefix(table, row, tex=True) + [fmt_cell(table.stats(row, t, selection), tex=True)
+                                                     for t in table.tasks]
+        cells.append(fmt_average(table.average(row, selection), len(table.tasks), tex=True))
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    return "\n".join(lines)
+
+
+def csv_rows(table: Table) -> tuple[list[str], list[list[Any]]]:
+    header = ["selection", "method", "variant", "budget", "model", "adapter_stored", "extra_stored"]
+    for t in table.tasks:
+        for m in table.metrics(t):
+            header += [f"{t}/{m}/mean", f"{t}/{m}/std", f"{t}/{m}/n"]
+    header += ["glue_avg/mean", "glue_avg/std", "glue_avg/n_seeds", "glue_avg/n_tasks"]
+    rows = []
+    for selection, _, _ in SELECTIONS:
+        for row in table.rows:
+            adapter, extra, _ = table.stored[row]
+            line: list[Any] = [selection, row.method, row.variant, row.budget, row.model, adapter, extra]
+            for t in table.tasks:
+                stats = {m: (mean, std, n) for m, mean, std, n in (table.stats(row, t, selection) or [])}
+                for m in table.metrics(t):
+                    mean, std, n = stats.get(m, (None, None, 0))
+                    line += [_num(mean), _num(std), n]
+            avg = table.average(row, selection)
+            line += [_num(avg[0]), _num(avg[1]), avg[2] or "", avg[3]] if avg else ["", "", "", 0]
+            rows.append(line)
+    return header, rows
+
+
+def _num(v: float | None) -> Any:
+    return "" if v is None else round(v, 6)
+
+
+# --- plots --------------------------------------------------------------------------------------------------
+
+def _new_figure(width: float, height: float):
+    # The object-oriented API with the Agg canvas: no pyplot state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def split_module_name(name: str) -> tuple[int | None, str]:
+    """'bert.encoder.layer.3.attention.self.query' → (3, 'query'); unknown layouts keep their suffix."""
+    m = _LAYER_RE.search(name)
+    if not m:
+        return None, name
+    return int(m.group(1)), MATRIX_TYPES.get(m.group(2), m.group(2))
+
+
+def rank_matrix(patterns: Sequence[dict[str, float]]) -> tuple["Any", list[int | None], list[str]]:
+    """Mean over `patterns` of the rank per (layer, matrix type); NaN where a layer lacks that matrix."""
+    import numpy as np
+
+    cells: dict[tuple[int | None, str], list[float]] = {}
+    for pattern in patterns:
+        for name, rank in pattern.items():
+            cells.setdefault(split_module_name(name), []).append(float(rank))
+    layers = sorted({layer for layer, _ in cells}, key=lambda x: (x is None, x if x is not None else 0))
+    kinds = {kind for _, kind in cells}
+    types = [t for t in MATRIX_ORDER if t in kinds] + sorted(kinds - set(MATRIX_ORDER))
+    mat = np.full((len(layers), len(types)), np.nan)
+    for (layer, kind), vals in cells.items():
+        mat[layers.index(layer), types.index(kind)] = sum(vals) / len(vals)
+    return mat, layers, types
+
+
+def plot_rank_heatmap(patterns: Sequence[dict[str, float]], path: Path, title: str):
+    """Heatmap of the final rank allocation; returns (matrix, layers, matrix types) exactly as plotted."""
+    import numpy as np
+
+    mat, layers, types = rank_matrix(patterns)
+    fig = _new_figure(1.2 + 0.9 * len(types), 1.2 + 0.45 * len(layers))
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(mat), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(types)), types, rotation=30, ha="right")
+    ax.set_yticks(range(len(layers)), ["?" if x is None else str(x) for x in layers])
+    ax.set_xlabel("matrix")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    finite = mat[np.isfinite(mat)]
+    mid = (finite.max() + finite.min()) / 2 if finite.size else 0
+    for (i, k), v in np.ndenumerate(mat):
+        if np.isfinite(v):
+            ax.text(k, i, f"{v:g}" if float(v).is_integer() else f"{v:.1f}", ha="center", va="center",
+                    fontsize=7, color="black" if v > mid else "white")
+    fig.colorbar(im, ax=ax, label="rank")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return mat, layers, types
+
+
+def plot_curves(series: dict[str, list[tuple[list[float], list[float]]]], path: Path, title: str, ylabel: str,
+                scale: float = 1.0) -> None:
+    """One colour per row label; one line per run."""
+    fig = _new_figure(6.4, 4.0)
+    ax = fig.add_subplot()
+    for i, (label, runs) in enumerate(series.items()):
+        color = f"C{i % 10}"  # matplotlib's default colour cycle
+        for k, (xs, ys) in enumerate(runs):
+            ax.plot(xs, [scale * y for y in ys], marker="o", markersize=3, color=color, alpha=0.8,
+                    label=label if k == 0 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def is_rank_adaptive(runs: Sequence[Job]) -> bool:
+    """Ranks that differ between matrices or change during training, or a logged budget schedule."""
+    for j in runs:
+        pattern = j.results.get("rank_pattern") or {}
+        if len(set(pattern.values())) > 1:
+            return True
+        start = {r.get("name"): r.get("rank") for r in (j.results.get("ledger_start") or {}).get("rows", [])}
+        if start and any(start.get(k, v) != v for k, v in pattern.items()):
+            return True
+        if any("train/budget" in e for e in j.evals):
+            return True
+    return False
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", s).strip("_")
+
+
+def make_plots(table: Table, out_dir: Path) -> list[Path]:
+    plots_dir = out_dir / "plots"
+    written: list[Path] = []
+    for row in table.rows:
+        row_runs = [j for t in table.tasks for j in (table.cells.get((row, t)) or Cell([])).runs]
+        if not is_rank_adaptive(row_runs):
+            continue
+        for task in table.tasks:
+            runs = [j for j in (table.cells.get((row, task)) or Cell([])).runs if j.results.get("rank_pattern")]
+            if not runs:
+                continue
+            label = table.row_label(row) + (f" {row.budget}" if table.show_budget else "")
+            path = plots_dir / f"ranks_{_slug(label)}_{task}.png"
+            seeds = "seed " + str(runs[0].field("seed")) if len(runs) == 1 else f"mean of {len(runs)} runs"
+            plot_rank_heatmap([j.results["rank_pattern"] for j in runs], path,
+                              f"final ranks: {label}, {TASK_TITLES.get(task, task)} ({seeds})")
+            written.append(path)
+    for task in table.tasks:
+        metric = table.metrics(task)[0]
+        evals: dict[str, list] = {}
+        budgets: dict[str, list] = {}
+        for row in table.rows:
+            label = table.row_label(row) + (f" {row.budget}" if table.show_budget else "") + \
+                (f" {row.model}" if table.show_model else "")
+            for j in (table.cells.get((row, task)) or Cell([])).runs:
+                lines = j.evals or [h for h in (j.results.get("history") or []) if isinstance(h, dict)]
+                pts = [(e["step"], e[f"eval/{metric}"]) for e in lines
+                       if isinstance(e.get(f"eval/{metric}"), (int, float)) and "step" in e]
+                if pts:
+                    evals.setdefault(label, []).append(([p[0] for p in pts], [p[1] for p in pts]))
+                key = "train/budget" if any("train/budget" in e for e in j.evals) else "ranks/total"
+                pts = [(e["step"], e[key]) for e in j.evals if isinstance(e.get(key), (int, float)) and "step" in e]
+                if pts:
+                    budgets.setdefault(label, []).append(([p[0] for p in pts], [p[1] for p in pts]))
+        title = TASK_TITLES.get(task, task)
+        if evals:
+            path = plots_dir / f"eval_{task}.png"
+            plot_curves(evals, path, f"{title}: eval {METRIC_TITLES.get(metric, metric)} vs step",
+                        f"{METRIC_TITLES.get(metric, metric)} ×100", scale=100.0)
+            written.append(path)
+        if budgets:
+            path = plots_dir / f"budget_{task}.png"
+            plot_curves(budgets, path, f"{title}: rank budget vs step",
+                        "total rank (train/budget, else Σ effective ranks)")
+            written.append(path)
+    return written
+
+
+# --- the report ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Report:
+    root: Path
+    out_dir: Path
+    jobs: list[Job]
+    ok: list[Job]
+    failed: list[Job]
+    broken: list[Job]  # no results.json, or one that cannot be read
+    not_found: list[str]
+    table: Table | None
+    paths: list[Path]
+
+    @property
+    def clean(self) -> bool:
+        return not self.failed and not self.broken and not self.not_found
+
+
+def grid_gaps(jobs: list[Job]) -> list[str]:
+    """Combinations of (method, budget, task, seed) seen separately but never together in one job directory."""
+    seen = {(j.field("method"), j.field("budget"), j.field("task"), j.field("seed")) for j in jobs}
+    seen = {k for k in seen if None not in k}
+    if not seen:
+        return []
+    axes = [sorted({k[i] for k in seen}, key=str) for i in range(4)]
+    return [f"{m}, {b}, {t}, seed {s}" for m, b, t, s in itertools.product(*axes) if (m, b, t, s) not in seen]
+
+
+def build_report(root: str | Path, out_dir: str | Path | None = None, plots: bool = True) -> Report:
+    root = Path(root)
+    out = Path(out_dir) if out_dir is not None else root
+    jobs = [read_job(d, root) for d in find_job_dirs(root)]
+    ok = [j for j in jobs if j.results is not None and j.status == "ok"]
+    failed = [j for j in jobs if j.results is not None and j.status != "ok"]
+    broken = [j for j in jobs if j.results is None]
+    # A sweep (Hydra writes multirun.yaml at its root) is a grid: list the combinations that left no trace.
+    not_found = grid_gaps(jobs) if (root / "multirun.yaml").exists() else []
+    table = build_table(ok, failed) if ok else None
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(root, out, jobs, ok, failed, broken, not_found, table, [])
+    report.paths += [out / "report.md", out / "report.csv", out / "report.tex"]
+    plot_paths = make_plots(table, out) if (plots and table is not None) else []
+    (out / "report.md").write_text(render_markdown(report, plot_paths))
+    _write_csv(out / "report.csv", table)
+    (out / "report.tex").write_text(render_tex(report))
+    report.paths += plot_paths
+    return report
+
+
+def _problem_lines(report: Report) -> list[str]:
+    lines = []
+    if report.failed:
+        lines += ["", f"## Failed jobs ({len(report.failed)})", ""]
+        for j in report.failed:
+            err = str(j.results.get("error") or j.results.get("status")).strip().splitlines()
+            lines.append(f"- `{j.rel}` ({j.describe()}): {err[0] if err else 'failed'}")
+    if report.broken:
+        lines += ["", f"## Missing or unreadable results ({len(report.broken)})", ""]
+        for j in report.broken:
+            lines.append(f"- `{j.rel}` ({j.describe()}): {j.problem}")
+    if report.not_found:
+        lines += ["", f"## Not found ({len(report.not_found)})", "",
+                  "Combinations of the sweep's methods, budgets, tasks and seeds with no job directory:", ""]
+        lines += [f"- {g}" for g in report.not_found[:50]]
+        if len(report.not_found) > 50:
+            lines.append(f"- ... and {len(report.not_found) - 50} more")
+    return lines
+
+
+def render_markdown(report: Report, plot_paths: list[Path]) -> str:
+    n = len(report.jobs)
+    lines = [f"# lorabench report: `{report.root}`", "",
+             f"{n} job(s): {len(report.ok)} ok, {len(report.failed)} failed, "
+             f"{len(report.broken)} without readable results.json.", ""]
+    if report.table is None:
+        lines.append("No finished job to tabulate.")
+    else:
+        lines += ["Cells: mean ± sample std over seeds (n = number of runs), metrics ×100. MRPC/QQP acc/F1, STS-B "
+                  "Pearson/Spearman, MNLI matched/mismatched accuracy; the GLUE average takes the first number of "
+                  "each task (CoLA MCC, MRPC/QQP accuracy, STS-B Pearson, MNLI matched) and its std is that of the "
+                  "per-seed averages; [k/N tasks] marks a row that lacks some tasks. Stored params: the "
+                  "adapter's stored size at the end (`ledger.adapter_stored`, ≈ when it differs between runs; "
+                  "+extra such as DoRA magnitudes in parentheses), task heads excluded."]
+        for selection, title, what in SELECTIONS:
+            lines += ["", f"## {title}", "", f"Per run: {what}.", "", markdown_table(report.table, selection)]
+    lines += _problem_lines(report)
+    if plot_paths:
+        lines += ["", "## Plots", ""]
+        for p in plot_paths:
+            rel = p.relative_to(report.out_dir) if p.is_relative_to(report.out_dir) else p
+            lines.append(f"![{p.stem}]({rel})")
+    return "\n".join(lines) + "\n"
+
+
+def render_tex(report: Report) -> str:
+    head = ["% generated by `python -m report`; needs \\usepackage{booktabs}",
+            f"% source: {_tex_escape(str(report.root))}"]
+    if report.table is None:
+        return "\n".join(head + ["% no finished job to tabulate"]) + "\n"
+    body = [tex_table(report.table, sel, title) for sel, title, _ in SELECTIONS]
+    return "\n".join(head) + "\n" + "\n\n".join(body) + "\n"
+
+
+def _write_csv(path: Path, table: Table | None) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        if table is None:
+            writer.writerow(["selection", "method", "variant", "budget", "model"])
+            return
+        header, rows = csv_rows(table)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="a sweep directory (runs/multirun/<time>) or any directory of runs")
+    parser.add_argument("--out", default=None, help="where to write report.md/.csv/.tex and plots/ "
+                                                    "(default: the directory given)")
+    parser.add_argument("--no-plots", action="store_true", help="tables only")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    if not root.is_dir():
+        print(f"error: {root} is not a directory", file=sys.stderr)
+        return 2
+    if not find_job_dirs(root):
+        print(f"error: no job directory (results.json, metrics.jsonl or .hydra/) under {root}", file=sys.stderr)
+        return 2
+    report = build_report(root, args.out, plots=not args.no_plots)
+    if report.table is not None:
+        print(markdown_table(report.table, "best"))
+    for line in _problem_lines(report):
+        print(line, file=sys.stderr)
+    print(f"report: {report.out_dir / 'report.md'} ({len(report.ok)} ok, {len(report.failed)} failed, "
+          f"{len(report.broken)} without readable results)")
+    return 0 if report.clean else 1

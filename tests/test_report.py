@@ -1,0 +1,220 @@
+"""The reporter on synthetic run directories: tables (md/csv/tex), failed and broken jobs, plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lorabench import report
+
+RANK_TYPES = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
+              "attention.output.dense": "attn_out", "intermediate.dense": "ffn_in", "output.dense": "ffn_out"}
+
+
+def write_run(root: Path, name: str, *, task: str, method: str = "lora", budget: str = "r8", seed: int = 1,
+              best: dict[str, float], last: dict[str, float] | None = None, model: str = "tiny",
+              method_cfg: dict | None = None, stored: int = 7168, rank_pattern: dict | None = None,
+              evals: list[dict] | None = None, status: str = "ok") -> Path:
+    """A job directory as run.py leaves it (only the fields the reporter reads, with their real shapes)."""
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {"seed": seed, "task": {"name": task}, "method": {"name": method, **(method_cfg or {"alpha": 16})},
+           "budget": {"name": budget, "rank": int(budget[1:])}, "model": {"name": model}}
+    results = {"status": status, "config": cfg, "task": task, "method": method, "model": model, "budget": budget,
+               "seed": seed}
+    if status == "ok":
+        last = last or best
+        results.update({
+            "primary_metric": "eval/" + next(iter(best)),
+            "best": {"step": 10, "epoch": 1, **{f"eval/{k}": v for k, v in best.items()}},
+            "last": {"step": 20, "epoch": 2, **{f"eval/{k}": v for k, v in last.items()}},
+            "ledger": {"adapter_stored": stored, "extra_stored": 0},
+            "rank_pattern": rank_pattern or {f"bert.encoder.layer.{i}.attention.self.query": 8 for i in range(2)},
+        })
+    else:
+        results.update({"error": "TrainingError: non-finite loss (nan) at optimizer step 3", "traceback": "..."})
+    (d / "results.json").write_text(json.dumps(results))
+    (d / ".hydra").mkdir()  # Hydra writes the composed config into every job directory
+    (d / ".hydra" / "config.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    lines = evals if evals is not None else [results["best"], results["last"]] if status == "ok" else []
+    (d / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    return d
+
+
+def cell(values: list[float]) -> str:
+    """The expected text of one metric, computed here independently of the reporter."""
+    m = 100 * statistics.mean(values)
+    return f"{m:.2f} ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else f"{m:.2f}"
+
+
+def table_rows(md: str, title: str) -> list[list[str]]:
+    """The first markdown table after the heading `## <title>`: header, separator, body rows."""
+    lines = md.split(f"## {title}", 1)[1].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    rows = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip("|").split("|")])
+    return rows
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """2 budgets x 3 tasks (given out of GLUE order) x 3 seeds of lora, with known values."""
+    root = tmp_path / "sweep"
+    values = {}
+    rng = np.random.default_rng(0)
+    for budget in ("r2", "r8"):
+        for task, metrics in (("stsb", ("pearson", "spearman")), ("rte", ("accuracy",)), ("cola", ("mcc",)),
+                              ("mrpc", ("accuracy", "f1"))):
+            for seed in (1, 2, 3):
+                best = {m: float(rng.uniform(0.3, 0.9)) for m in metrics}
+                last = {m: v - 0.05 for m, v in best.items()}
+                values[budget, task, seed] = (best, last)
+                write_run(root, f"{budget}_{task}_s{seed}", task=task, budget=budget, seed=seed, best=best,
+                          last=last, stored=1792 if budget == "r2" else 7168)
+    return root, values
+
+
+def test_tables_mean_std_in_glue_order(sweep, tmp_path):
+    root, values = sweep
+    rep = report.build_report(root, tmp_path / "out", plots=False)
+    assert rep.clean and len(rep.ok) == 24
+    md = (tmp_path / "out" / "report.md").read_text()
+    for selection, title in ((0, "Best epoch"), (1, "Last epoch")):
+        rows = table_rows(md, title)
+        assert rows[0] == ["method", "budget", "stored params", "CoLA (MCC)", "MRPC (acc/F1)",
+                           "STS-B (Pearson/Spearman)", "RTE (acc)", "GLUE avg"]
+        body = {r[1]: r for r in rows[2:]}
+        assert [r[1] for r in rows[2:]] == ["r8", "r2"]  # larger budget first
+        for budget in ("r2", "r8"):
+            row = body[budget]
+            assert row[0] == "lora" and row[2] == ("1.8K" if budget == "r2" else "7.2K")
+            for col, task, metrics in ((3, "cola", ("mcc",)), (4, "mrpc", ("accuracy", "f1")),
+                                       (5, "stsb", ("pearson", "spearman")), (6, "rte", ("accuracy",))):
+                expected = " / ".join(cell([values[budget, task, s][selection][m] for s in (1, 2, 3)])
+                                      for m in metrics) + " (n=3)"
+                assert row[col] == expected
+            # GLUE average: one number per task (MCC, MRPC accuracy, STS-B Pearson, accuracy); std over the
+            # per-seed averages
+            first = {"cola": "mcc", "mrpc": "accuracy", "stsb": "pearson", "rte": "accuracy"}
+            per_seed = [statistics.mean(values[budget, t, s][selection][m] for t, m in first.items())
+                        for s in (1, 2, 3)]
+            assert row[7] == cell(per_seed) + " (n=3)"
+
+
+def test_csv_and_tex(sweep, tmp_path):
+    root, values = sweep
+    report.build_report(root, tmp_path / "out", plots=False)
+    rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    assert len(rows) == 4  # 2 selections x 2 rows
+    r = next(x for x in rows if x["selection"] == "last" and x["budget"] == "r2")
+    stsb_spearman = [values["r2", "stsb", s][1]["spearman"] for s in (1, 2, 3)]
+    assert float(r["stsb/spearman/mean"]) == pytest.approx(statistics.mean(stsb_spearman), abs=1e-6)
+    assert float(r["stsb/spearman/std"]) == pytest.approx(statistics.stdev(stsb_spearman), abs=1e-6)
+    assert r["stsb/spearman/n"] == "3" and float(r["adapter_stored"]) == 1792
+    tex = (tmp_path / "out" / "report.tex").read_text()
+    assert tex.count("\\begin{tabular}") == 2 and "\\toprule" in tex
+    m = 100 * statistics.mean(values["r8", "rte", s][0]["accuracy"] for s in (1, 2, 3))
+    assert f"${m:.2f}_{{\\pm" in tex
+
+
+def test_multi_metric_conventions_and_method_variants(tmp_path):
+    """MNLI m/mm and QQP acc/F1 shown as pairs; the average takes matched accuracy; lora with two alphas at one
+    budget gives two rows (no budget column: one budget), not one row with mixed seeds."""
+    root = tmp_path / "runs"
+    for alpha, base in ((8, 0.80), (16, 0.70)):
+        for seed in (1, 2):
+            write_run(root, f"a{alpha}_mnli_s{seed}", task="mnli", seed=seed, method_cfg={"alpha": alpha},
+                      best={"accuracy": base + seed / 100, "accuracy_mm": base - 0.1})
+            write_run(root, f"a{alpha}_qqp_s{seed}", task="qqp", seed=seed, method_cfg={"alpha": alpha},
+                      best={"accuracy": base, "f1": base - 0.2})
+    report.build_report(root, plots=False)
+    rows = table_rows((root / "report.md").read_text(), "Best epoch")
+    assert rows[0] == ["method", "stored params", "QQP (acc/F1)", "MNLI (acc/mm)", "GLUE avg"]
+    body = {r[0]: r for r in rows[2:]}
+    assert set(body) == {"lora (alpha=8)", "lora (alpha=16)"}
+    row = body["lora (alpha=8)"]
+    assert row[2] == "80.00 ± 0.00 / 60.00 ± 0.00 (n=2)"
+    assert row[3] == f"{cell([0.81, 0.82])} / 70.00 ± 0.00 (n=2)"
+    assert row[4] == cell([(0.80 + 0.81) / 2, (0.80 + 0.82) / 2]) + " (n=2)"
+
+
+def test_failed_broken_and_missing_jobs_are_listed_and_the_rest_reported(tmp_path):
+    root = tmp_path / "sweep"
+    (root / "multirun.yaml").parent.mkdir(parents=True)
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    for seed in (1, 2):
+        write_run(root, f"{seed - 1}_rte_lora_s{seed}", task="rte", seed=seed, best={"accuracy": 0.5 + seed / 10})
+    write_run(root, "2_mrpc_lora_s1", task="mrpc", seed=1, status="failed", best={})
+    ok = write_run(root, "3_mrpc_lora_s2", task="mrpc", seed=2, best={"accuracy": 0.7, "f1": 0.8})
+    text = (ok / "results.json").read_text()
+    (ok / "results.json").write_text(text[: len(text) // 2])  # killed while writing
+    missing = root / "4_cola_lora_s1"
+    (missing / ".hydra").mkdir(parents=True)
+    (missing / ".hydra" / "config.yaml").write_text("seed: 1\ntask: {name: cola}\nmethod: {name: lora}\n"
+                                                    "budget: {name: r8, rank: 8}\n")
+    (missing / "metrics.jsonl").write_text('{"step": 5, "epoch": 1, "eval/mcc": 0.1}\n{"step": 1')  # torn line
+
+    assert report.main([str(root), "--no-plots"]) == 1  # written, but not clean
+    md = (root / "report.md").read_text()
+    rows = table_rows(md, "Best epoch")
+    assert rows[0][2:] == ["MRPC (acc/F1)", "RTE (acc)", "GLUE avg"]  # the failed task keeps its column
+    assert rows[2][3] == f"{cell([0.6, 0.7])} (n=2)" and rows[2][2] == "—"
+    failed = md.split("## Failed jobs (1)", 1)[1]
+    assert "`2_mrpc_lora_s1`" in failed and "non-finite loss" in failed
+    broken = md.split("## Missing or unreadable results (2)", 1)[1]
+    assert "`3_mrpc_lora_s2` (method lora, task mrpc, budget r8, seed 2): results.json is unreadable" in broken
+    assert "`4_cola_lora_s1` (method lora, task cola, budget r8, seed 1): no results.json" in broken
+    # the grid (lora × r8 × {rte, mrpc, cola} × seeds {1, 2}) has no trace of cola seed 2
+    assert "## Not found (1)" in md and "lora, r8, cola, seed 2" in md
+
+
+def test_main_without_jobs(tmp_path, capsys):
+    assert report.main([str(tmp_path / "nope")]) == 2
+    assert report.main([str(tmp_path)]) == 2
+    assert "no job directory" in capsys.readouterr().err
+
+
+def test_rank_heatmap_cells_equal_results(tmp_path):
+    """A rank-adaptive run's heatmap is a real PNG whose cells are its results.json rank_pattern."""
+    import matplotlib.image
+
+    rng = np.random.default_rng(3)
+    pattern = {f"bert.encoder.layer.{i}.{suffix}": int(rng.integers(0, 13))
+               for i in range(3) for suffix in RANK_TYPES}
+    pattern["bert.encoder.layer.1.attention.self.key"] = 0  # a fully pruned matrix is a 0, not a gap
+    root = tmp_path / "runs"
+    write_run(root, "adaptive", task="rte", method="dora_dynamic", best={"accuracy": 0.6}, rank_pattern=pattern,
+              evals=[{"step": 5, "eval/accuracy": 0.5, "train/budget": 40},
+                     {"step": 10, "eval/accuracy": 0.6, "train/budget": 30}])
+    write_run(root, "fixed", task="rte", method="lora", best={"accuracy": 0.6},
+              evals=[{"step": 10, "eval/accuracy": 0.6, "ranks/total": 16}])
+    rep = report.build_report(root, tmp_path / "out")
+    names = sorted(p.name for p in rep.paths if p.suffix == ".png")
+    assert names == ["budget_rte.png", "eval_rte.png", "ranks_dora_dynamic_rte.png"]  # no heatmap for lora
+    for p in rep.paths[3:]:
+        img = matplotlib.image.imread(p)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert "![ranks_dora_dynamic_rte](plots/ranks_dora_dynamic_rte.png)" in (tmp_path / "out" / "report.md").read_text()
+
+    mat, layers, types = report.plot_rank_heatmap([pattern], tmp_path / "h.png", "t")
+    assert layers == [0, 1, 2] and types == ["query", "key", "value", "attn_out", "ffn_in", "ffn_out"]
+    for name, rank in pattern.items():
+        layer = int(name.split(".")[3])
+        kind = RANK_TYPES[name.split(".", 4)[4]]
+        assert mat[layers.index(layer), types.index(kind)] == rank
+    assert matplotlib.image.imread(tmp_path / "h.png").ndim == 3
+
+
+def test_deberta_names_and_seed_mean_in_heatmap():
+    a = {"deberta.encoder.layer.0.attention.self.query_proj": 4, "deberta.encoder.layer.0.output.dense": 2}
+    b = {"deberta.encoder.layer.0.attention.self.query_proj": 6, "deberta.encoder.layer.0.output.dense": 2}
+    mat, layers, types = report.rank_matrix([a, b])
+    assert layers == [0] and types == ["query", "ffn_out"] and mat.tolist() == [[5.0, 2.0]]
