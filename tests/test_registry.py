@@ -98,3 +98,32 @@ def test_ledger_and_rank_pattern_cover_every_matrix(name):
     assert ledger.n_matrices == len(m.layers) == 12
     assert set(m.rank_pattern()) == set(m.layers)
     assert ledger.trainable_now > 0
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_merged_eval_matches_and_restores_training_weights_exactly(name):
+    """Evaluation through merged weights gives the unmerged logits and leaves every base weight untouched:
+    the same Parameter object, the same bits, the same in-place version (so optimizer and checkpoints see
+    nothing)."""
+    model = tiny_bert()
+    method = _attach(model, name)
+    _perturb(method)
+    model.eval()
+    batch = tiny_batch()
+    bases = {n: layer.base.weight for n, layer in method.layers.items()}
+    before = {n: (w.detach().clone(), w._version) for n, w in bases.items()}
+    with torch.no_grad():
+        unmerged = model(**batch).logits
+        with method.merged_for_eval() as merged:
+            during = model(**batch).logits
+        after = model(**batch).logits
+    assert merged == (method.merge_for_eval and method.mergeable)
+    torch.testing.assert_close(during, unmerged, rtol=1e-5, atol=1e-6)
+    assert torch.equal(after, unmerged)
+    for n, layer in method.layers.items():
+        assert layer.base.weight is bases[n] and not layer.merged
+        assert torch.equal(layer.base.weight, before[n][0]) and layer.base.weight._version == before[n][1]
+    if merged:  # the merged pass really skipped the adapter branch: a changed adapter does not move its logits
+        with torch.no_grad(), method.merged_for_eval():
+            _perturb(method, seed=2)
+            assert torch.equal(model(**batch).logits, during)

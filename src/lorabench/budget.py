@@ -11,10 +11,29 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from .errors import ConfigError
 
 # The six linear maps of a transformer encoder block, by role. Model configs map each role to a module path.
 ALL_ROLES = ("query", "key", "value", "attention_output", "intermediate", "output")
+
+BUDGET_MATCHES = ("rank", "params")
+
+
+def keep_best_within(scores: torch.Tensor, costs: torch.Tensor, capacity: float) -> torch.Tensor:
+    """[ours] Keep the best-scored components while their summed cost fits `capacity` (budget.match=params).
+
+    A prefix of the components sorted by score (stable, so ties keep their order): it never skips a
+    component to squeeze in a cheaper, less important one, and it falls short of `capacity` by less than one
+    component's cost. Returns a bool mask shaped like `scores`.
+    """
+    flat = scores.flatten()
+    order = torch.argsort(flat, descending=True, stable=True)
+    fits = torch.cumsum(costs.flatten().to(torch.float64)[order], 0) <= capacity + 1e-6
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[order[fits]] = True
+    return keep.view_as(scores)
 
 
 @dataclass(frozen=True)
@@ -25,8 +44,14 @@ class Budget:
     rank: int
     target_modules: tuple[str, ...] = ALL_ROLES
     init_ratio: float = 1.5
+    # What the pruning methods hold equal to LoRA r: "rank" counts kept components (n·r, the papers' budget);
+    # "params" [ours] keeps the best components while their stored size fits LoRA r's (methods.md §3/§4 budgets
+    # count components, so a pattern that favours FFN maps stores more than LoRA at the same count).
+    match: str = "rank"
 
     def __post_init__(self) -> None:
+        if self.match not in BUDGET_MATCHES:
+            raise ConfigError(f"budget.match must be one of {', '.join(BUDGET_MATCHES)}, got {self.match!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"budget.rank must be a positive integer, got {self.rank!r} (try budget=r8)")
         if not self.target_modules:
@@ -46,7 +71,7 @@ class Budget:
     def from_dict(cls, d: dict[str, Any]) -> "Budget":
         return cls(name=str(d.get("name", f"r{d['rank']}")), rank=d["rank"],
                    target_modules=tuple(d.get("target_modules", ALL_ROLES)),
-                   init_ratio=float(d.get("init_ratio", 1.5)))
+                   init_ratio=float(d.get("init_ratio", 1.5)), match=str(d.get("match", "rank")))
 
 
 @dataclass

@@ -85,12 +85,21 @@ def trainer_config(d: dict[str, Any]) -> TrainerConfig:
     return TrainerConfig(**{k: v for k, v in d.items() if k in known})
 
 
-def make_evaluator(spec: TaskSpec, eval_loaders: dict[str, BatchLoader], trainer_ref: list):
-    """evaluate(model) → {"eval/<metric><suffix>": value} over every eval split of the task."""
+def make_evaluator(spec: TaskSpec, eval_loaders: dict[str, BatchLoader], trainer_ref: list, method=None):
+    """evaluate(model) → {"eval/<metric><suffix>": value} over every eval split of the task.
+
+    With a `method`, evaluation runs through merged weights where the method allows it (inference then costs
+    what the backbone costs) and the training weights come back exactly afterwards."""
     suffix = {s.name: s.suffix for s in spec.eval_splits}
 
-    @torch.no_grad()
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        if method is None:
+            return _evaluate(model)
+        with method.merged_for_eval():
+            return _evaluate(model)
+
+    @torch.no_grad()
+    def _evaluate(model: torch.nn.Module) -> dict[str, float]:
         trainer = trainer_ref[0]
         model.eval()
         out: dict[str, float] = {}
@@ -263,7 +272,7 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
                                group_by_length=bool(tcfg_dict.get("group_by_length", False)))
     eval_loaders = {k: BatchLoader(v, tcfg.eval_batch_size, collate, shuffle=False) for k, v in data.evals.items()}
     trainer_ref: list = []
-    evaluate = make_evaluator(spec, eval_loaders, trainer_ref)
+    evaluate = make_evaluator(spec, eval_loaders, trainer_ref, method)
 
     if resume is not None:
         # the resumed run redoes every step after the checkpoint: drop what the killed run logged past it

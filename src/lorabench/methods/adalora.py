@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..budget import Budget, Ledger, LedgerRow, adalora_budget
+from ..budget import Budget, Ledger, LedgerRow, adalora_budget, keep_best_within
 from ..errors import ConfigError
 from ..training.hooks import TrainerHook, TrainState
 from . import register
@@ -99,11 +99,17 @@ class AdaLoraAllocator(TrainerHook):
 
     def __init__(self, layers: list[SVDLinear], target_rank: int, beta1: float, beta2: float, delta_t: int,
                  t_init: float, t_final: float, t_init_steps: int | None = None,
-                 t_final_steps: int | None = None) -> None:
+                 t_final_steps: int | None = None, match: str = "rank") -> None:
         self.layers = layers
         self.ranks = [layer.rank for layer in layers]
         self.b_init = sum(self.ranks)
         self.b_target = target_rank * len(layers)
+        # budget.match=params [ours]: a budget of b triplets becomes the size of b LoRA components spread like
+        # LoRA's (b · mean of d_in + d_out), filled with triplets at their stored size (d_in + d_out + 1)
+        self.match = match
+        self._triplet_cost = torch.cat([torch.full((layer.rank,), float(layer.in_features + layer.out_features + 1))
+                                        for layer in layers])
+        self._mean_cost = sum(layer.in_features + layer.out_features for layer in layers) / len(layers)
         self.beta1, self.beta2, self.delta_t = beta1, beta2, delta_t
         self.t_init_frac, self.t_final_frac = t_init, t_final
         self.t_init_steps, self.t_final_steps = t_init_steps, t_final_steps
@@ -224,6 +230,9 @@ class AdaLoraAllocator(TrainerHook):
         n_masked = self.b_init - budget
         if n_masked <= 0:
             self.kept = torch.ones(self.b_init, dtype=torch.bool, device=self._device())
+        elif self.match == "params":
+            scores = self.triplet_scores()
+            self.kept = keep_best_within(scores, self._triplet_cost.to(scores.device), budget * self._mean_cost)
         else:
             scores = self.triplet_scores()
             threshold = torch.kthvalue(scores, n_masked).values
@@ -316,7 +325,8 @@ class AdaLoRA(AdapterMethod):
     def after_attach(self, model: nn.Module) -> None:
         layers = list(self.layers.values())
         self.allocator = AdaLoraAllocator(layers, self.budget.rank, self.beta1, self.beta2, self.delta_t,
-                                          self.t_init, self.t_final, self.t_init_steps, self.t_final_steps)
+                                          self.t_init, self.t_final, self.t_init_steps, self.t_final_steps,
+                                          match=self.budget.match)
         # Same-shaped factors are stacked so the penalty is a few batched matmuls, not one per matrix.
         groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
         for k, layer in enumerate(layers):

@@ -8,6 +8,7 @@ reporter needs (ledger, rank pattern) comes from here too, so the trainer never 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -227,6 +228,42 @@ class AdapterMethod:
     def merge(self) -> None:
         for layer in self.layers.values():
             layer.merge()
+
+    # Whether evaluation may run through merged weights (`merged_for_eval`). A method whose merge has side effects
+    # beyond the base weight (XGBLoRA accumulates merged boosters) turns it off.
+    merge_for_eval: bool = True
+
+    @contextmanager
+    def merged_for_eval(self) -> Iterator[bool]:
+        """Evaluate through merged weights, then give the training weights back bit for bit.
+
+        An unmerged adapter costs extra matmuls on every forward; merged, inference costs what the backbone
+        costs. Each adapted layer gets a merged *copy* of its base weight as a new Parameter and the original
+        Parameter object is put back afterwards, untouched: no floating-point unmerge error, no in-place
+        change the optimizer or a checkpoint could notice. Yields whether it merged (False when the method
+        cannot merge in its current state, e.g. an active input gate).
+        """
+        if not (self.merge_for_eval and self.mergeable) or not self.layers:
+            yield False
+            return
+        originals = {}
+        try:
+            with torch.no_grad():
+                for name, layer in self.layers.items():
+                    if layer.merged:
+                        continue
+                    original = layer.base.weight
+                    originals[name] = (original, getattr(layer, "_merge_norm", None))
+                    layer.base.weight = nn.Parameter(original.detach().clone(), requires_grad=False)
+                    layer.merge()
+            yield True
+        finally:
+            for name, (original, merge_norm) in originals.items():
+                layer = self.layers[name]
+                layer.base.weight = original
+                layer.merged = False
+                if hasattr(layer, "_merge_norm"):
+                    layer._merge_norm = merge_norm
 
     def unmerge(self) -> None:
         for layer in self.layers.values():

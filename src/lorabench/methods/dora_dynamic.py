@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..budget import Budget, Ledger, dora_dynamic_n_pruned, dora_dynamic_schedule, dora_dynamic_window
+from ..budget import Budget, Ledger, dora_dynamic_n_pruned, dora_dynamic_schedule, dora_dynamic_window, keep_best_within
 from ..errors import ConfigError
 from ..training.hooks import TrainerHook, TrainState
 from . import register
@@ -178,8 +178,15 @@ class DoraDynamic(AdapterMethod):
 
     def _prune_lowest(self, n_prune: int) -> torch.Tensor:
         """Zero the gates of every component scored at or below the n_prune-th smallest EMA score."""
-        threshold = torch.kthvalue(self.scores.flatten(), n_prune).values
-        pruned = self.scores <= threshold
+        if self.budget.match == "params":
+            # [ours] budget.match=params: keep N − n_prune components' worth of parameters (mean component size)
+            cost = torch.tensor([float(l.in_features + l.out_features) for l in self._layer_list],
+                                device=self.scores.device)[:, None].expand_as(self.scores)
+            capacity = (self.n_components - n_prune) * float(cost[:, 0].mean())
+            pruned = ~keep_best_within(self.scores, cost, capacity)
+        else:
+            threshold = torch.kthvalue(self.scores.flatten(), n_prune).values
+            pruned = self.scores <= threshold
         self._zero_gates(pruned)
         self.n_events += 1
         self.last_event_step = self.step
