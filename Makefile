@@ -3,7 +3,7 @@ PYTHON ?= python
 GLUE_DIR ?= $(abspath ../shared/data/glue)
 export GLUE_DIR
 
-.PHONY: help install test test-slow test-all bench train sweep report clean
+.PHONY: help install test test-slow test-gpu test-all bench train sweep report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -17,6 +17,9 @@ test:  ## the CI suite (fast, offline; needs GLUE_DIR for the real-data tests)
 
 test-slow:  ## long checks: real training runs (accuracy vs PEFT), benchmarks
 	$(PYTHON) -m pytest -q -m slow
+
+test-gpu:  ## CUDA mixed-precision tests (on a machine with a GPU)
+	$(PYTHON) -m pytest -q -m gpu
 
 test-all:  ## everything but GPU tests
 	$(PYTHON) -m pytest -q -m "not gpu"
