@@ -12,14 +12,20 @@ def main(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     in_sweep = hc.mode == RunMode.MULTIRUN
-    config = OmegaConf.to_container(cfg, resolve=True)
-    if in_sweep and config.get("group") is None:
-        config["group"] = hc.sweep.dir.rstrip("/").split("/")[-1]
-    if config.get("run_name") is None:
-        # Dashboard name = the command-line overrides without the seed, so a config's seeds share one name.
-        shown = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") != "seed"]
-        config["run_name"] = ",".join(shown) or None
-    run_configured_job(config, hc.runtime.output_dir, in_sweep=in_sweep)
+
+    def resolved_config() -> dict:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        if in_sweep and config.get("group") is None:
+            config["group"] = hc.sweep.dir.rstrip("/").split("/")[-1]
+        if config.get("run_name") is None:
+            # Dashboard name = the command-line overrides without the seed, so a config's seeds share one name.
+            shown = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") != "seed"]
+            config["run_name"] = ",".join(shown) or None
+        return config
+
+    # Resolved inside the job's error handling: in a sweep, a config that fails to resolve fails only its job.
+    run_configured_job(resolved_config, hc.runtime.output_dir, in_sweep=in_sweep,
+                       composed=OmegaConf.to_container(cfg, resolve=False))
 
 
 if __name__ == "__main__":

@@ -27,13 +27,22 @@ FAILED_JOBS: list[str] = []
 _JOB_STARTED = False
 
 
-def run_configured_job(config: dict[str, Any], out_dir: str | Path, in_sweep: bool = False) -> dict[str, Any] | None:
+def run_configured_job(config: dict[str, Any] | Callable[[], dict[str, Any]], out_dir: str | Path,
+                       in_sweep: bool = False, composed: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Run one job under the error policy above.
+
+    `config` is the resolved config, or a function that resolves it: resolving can fail for one job of a sweep
+    only (an interpolation into a per-task table that lacks the job's task), and must then fail that job like
+    any other error, recorded in its results.json together with `composed` (the config before resolution).
+    """
     global _JOB_STARTED
     _JOB_STARTED = True
     from .run import run_job  # imported here: the entry guard below must stay light (no torch before Hydra)
 
     _reset_device_memory_stats()
     try:
+        if callable(config):
+            config = _resolve_or_record(config, Path(out_dir), composed)
         return run_job(config, out_dir)
     except KeyboardInterrupt:
         raise
@@ -49,6 +58,26 @@ def run_configured_job(config: dict[str, Any], out_dir: str | Path, in_sweep: bo
         raise
     finally:
         _release_memory()
+
+
+def _resolve_or_record(resolve: Callable[[], dict[str, Any]], out_dir: Path,
+                       composed: dict[str, Any] | None) -> dict[str, Any]:
+    """resolve(); on failure, a results.json with status "failed" (as run_job writes one), then re-raise."""
+    try:
+        return resolve()
+    except Exception as e:
+        import traceback
+
+        from .run import write_json_atomic
+
+        record = {"status": "failed", "config": composed, "error": f"{type(e).__name__}: {e}",
+                  "error_type": type(e).__name__, "traceback": traceback.format_exc()}
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out_dir / "results.json", record)
+        except OSError:  # an unwritable directory: the error itself still reaches the user
+            pass
+        raise
 
 
 def _reset_device_memory_stats() -> None:
