@@ -77,3 +77,15 @@ def run_train(args: list[str], cwd: Path, env: dict | None = None, timeout: int 
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "train", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def table_rows(md: str, title: str) -> list[list[str]]:
+    """The first markdown table after the heading `## <title>`: header, separator, body rows."""
+    lines = md.split(f"## {title}", 1)[1].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    rows = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip("|").split("|")])
+    return rows

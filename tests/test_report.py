@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lorabench import report
+from conftest import table_rows
 
 RANK_TYPES = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
               "attention.output.dense": "attn_out", "intermediate.dense": "ffn_in", "output.dense": "ffn_out"}
@@ -50,18 +51,6 @@ def cell(values: list[float]) -> str:
     """The expected text of one metric, computed here independently of the reporter."""
     m = 100 * statistics.mean(values)
     return f"{m:.2f} ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else f"{m:.2f}"
-
-
-def table_rows(md: str, title: str) -> list[list[str]]:
-    """The first markdown table after the heading `## <title>`: header, separator, body rows."""
-    lines = md.split(f"## {title}", 1)[1].splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
-    rows = []
-    for ln in lines[start:]:
-        if not ln.startswith("|"):
-            break
-        rows.append([c.strip() for c in ln.strip("|").split("|")])
-    return rows
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_train
+from conftest import REPO, run_train, table_rows
 
 # 2 optimizer steps per job (32 examples, batch 16): dora_dynamic's schedule then has a warm-up/prune step and
 # a final step. log_every=1 so that train_log.jsonl holds the loss of every step.
@@ -39,18 +39,6 @@ TIME_DIR = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d")
 
 def results(job_dir: Path) -> dict:
     return json.loads((job_dir / "results.json").read_text())
-
-
-def table_rows(md: str, title: str) -> list[list[str]]:
-    """The markdown table under `## <title>`: header, separator, body rows."""
-    lines = md.split(f"## {title}", 1)[1].splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
-    rows = []
-    for ln in lines[start:]:
-        if not ln.startswith("|"):
-            break
-        rows.append([c.strip() for c in ln.strip("|").split("|")])
-    return rows
 
 
 def expected_cell(values: list[float]) -> str:
