@@ -44,3 +44,21 @@ def test_missing_task_data_is_one_clear_line(tmp_path, real_glue_dir):
     assert last.startswith("error: task qnli:") and "train.tsv not found" in last and str(real_glue_dir) in last
     assert "Traceback" not in p.stderr
     assert _results(out)["status"] == "failed"
+
+
+@pytest.mark.parametrize("task, metrics", [("cola", ["mcc", "accuracy"]), ("sst2", ["accuracy"]),
+                                           ("mrpc", ["accuracy", "f1"]), ("stsb", ["pearson", "spearman"]),
+                                           ("rte", ["accuracy"]), ("wnli", ["accuracy"])])
+def test_every_local_task_trains_on_the_real_files(tmp_path, real_glue_dir, task, metrics):
+    """One job per task through the same entry as `python -m train` (composed in-process to keep it quick):
+    status ok and the task's official metrics, read from its real TSVs."""
+    from test_bad_input import compose
+    from lorabench.cli import run_configured_job
+
+    cfg = compose(["model=tiny", f"task={task}", "method=lora", "logger=none", "trainer=debug",
+                   "trainer.progress_bar=false", "trainer.max_train_samples=32", "trainer.max_eval_samples=32",
+                   "trainer.epochs=1", "trainer.max_seq_length=32", f"data.glue_dir={real_glue_dir}"])
+    run_configured_job(cfg, tmp_path / "run")
+    r = _results(tmp_path / "run")
+    assert r["status"] == "ok" and r["task"] == task
+    assert sorted(r["best"]) == sorted(["step", "epoch"] + [f"eval/{m}" for m in metrics])
