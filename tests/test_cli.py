@@ -35,13 +35,15 @@ def test_unknown_method_lists_known(tmp_path):
     assert "method" in p.stderr and "lora" in p.stderr
 
 
-def test_missing_task_data_is_one_clear_line(tmp_path, real_glue_dir):
+@pytest.mark.parametrize("task, missing", [("qnli", "train.tsv"), ("mnli", "MNLI")])
+def test_missing_task_data_is_one_clear_line(tmp_path, real_glue_dir, task, missing):
+    """The shared GLUE copy has QNLI's dev set only and no MNLI folder."""
     out = tmp_path / "run"
-    p = run_train(["task=qnli", "logger=none", f"hydra.run.dir={out}"], cwd=tmp_path,
+    p = run_train([f"task={task}", "logger=none", f"hydra.run.dir={out}"], cwd=tmp_path,
                   env={"GLUE_DIR": str(real_glue_dir)})
     assert p.returncode == 2
     last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: task qnli:") and "train.tsv not found" in last and str(real_glue_dir) in last
+    assert last.startswith(f"error: task {task}:") and missing in last and str(real_glue_dir) in last
     assert "Traceback" not in p.stderr
     assert _results(out)["status"] == "failed"
 
