@@ -71,10 +71,10 @@ class LowRankLinear(nn.Module):
         # `.to(dtype)` is a no-op in fp32; it lets a low-precision backbone run without autocast, and under
         # autocast F.linear casts both operands itself.
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
+        # scale the r-wide hidden rather than the d_out-wide output: the same product for r/d_out of the work
         c = self.component_scale()
-        if c is not None:
-            h = h * c.to(h.dtype)
-        return F.linear(h, self.lora_B.to(h.dtype)) * self.scale
+        h = h * self.scale if c is None else h * (c * self.scale).to(h.dtype)
+        return F.linear(h, self.lora_B.to(h.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (d_out, d_in) in fp32: what merge adds to the base weight."""

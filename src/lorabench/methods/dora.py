@@ -84,10 +84,18 @@ class DoraLinear(LowRankLinear):
         return (gain - 1.0) * base_term + gain * lora_out.to(base_term.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_out = self.base(x)
         if self.merged:
-            return base_out
-        return base_out + self.branch(x, base_out)
+            return self.base(x)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            # the base term of the correction sees the dropped input: the §2.2 form as written
+            return self.base(x) + self.branch(x, None)
+        # Without dropout, base(x) + (g − 1) ⊙ x W0ᵀ + g ⊙ s x Aᵀ Bᵀ = g ⊙ (x W0ᵀ + s x Aᵀ Bᵀ) + bias: the same
+        # function with two activation-sized elementwise passes (and one saved tensor) instead of five.
+        weight, bias = self.base.weight, self.base.bias
+        h = F.linear(x, self.lora_A.to(x.dtype)) * self.scale  # scale the r-wide hidden, not the output
+        z = F.linear(x, weight.to(x.dtype)) + F.linear(h, self.lora_B.to(h.dtype))
+        gain = self.gain().to(z.dtype)
+        return z * gain if bias is None else torch.addcmul(bias.to(z.dtype), z, gain)
 
     def direction_update(self) -> torch.Tensor:
         """s·B A in fp32 (the LoRA update of the direction V = W0)."""
