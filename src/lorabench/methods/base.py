@@ -8,6 +8,7 @@ reporter needs (ledger, rank pattern) comes from here too, so the trainer never 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -145,7 +146,7 @@ class TargetInfo:
     role: str
 
 
-class AdapterMethod:
+class AdapterMethod(ABC):
     """Base class for a registered method. Subclasses implement `make_layer` and usually `ledger_row`.
 
     Life cycle: constructed from its config dict and the budget → `attach(model, targets)` → the trainer
@@ -171,8 +172,9 @@ class AdapterMethod:
         self.targets: dict[str, TargetInfo] = {}
 
     # --- building -----------------------------------------------------------------------------------
+    @abstractmethod
     def make_layer(self, base: nn.Linear, target: TargetInfo) -> nn.Module:
-        raise NotImplementedError
+        """The method's layer wrapping the frozen `base` of one target (what `attach` swaps in)."""
 
     def attach(self, model: nn.Module, targets: list[TargetInfo]) -> None:
         """Replace each target `nn.Linear` of `model` in place by the method's layer."""
