@@ -6,8 +6,8 @@ script measures that, interleaved in one process (round-robin, so machine noise 
 
   backbone     the model without adapters (the denominator)
   <m>_unmerged the adapted model, adapter branch computed on every forward
-  <m>_merged   the same model inside `merged_for_eval()`, the merge itself included once per pass over the
-               eval set (amortized over `--batches` batches, SST-2's dev set is 7 batches of 128)
+  <m>_merged   the same model inside `merged_for_eval()`; the merge is timed on its own and amortized over
+               one evaluation pass (`--eval-batches`, SST-2's dev set is 7 batches of 128)
 
 The adapters are perturbed away from their init (as after training), so merged weights are not the base ones.
 
@@ -52,18 +52,25 @@ def perturbed(base, spec, name: str, rank: int):
     return model.eval(), method
 
 
-def time_pass(model, method, merged: bool, batch, n_batches: int) -> float:
-    """Seconds per batch of one pass over `n_batches` batches (merge cost included when merged)."""
-    t0 = time.perf_counter()
+def time_round(model, method, merged: bool, batch, n_batches: int) -> tuple[float, float]:
+    """(median seconds per forward batch, seconds to merge) for one visit of an arm; merge 0 when unmerged."""
     with torch.no_grad():
-        if merged:
-            with method.merged_for_eval():
-                for _ in range(n_batches):
-                    model(**batch)
-        else:
-            for _ in range(n_batches):
-                model(**batch)
-    return (time.perf_counter() - t0) / n_batches
+        if not merged:
+            return _median_forward(model, batch, n_batches), 0.0
+        t0 = time.perf_counter()
+        with method.merged_for_eval() as did_merge:
+            merge_s = time.perf_counter() - t0
+            assert did_merge, "the arm was built as mergeable"
+            return _median_forward(model, batch, n_batches), merge_s
+
+
+def _median_forward(model, batch, n_batches: int) -> float:
+    times = []
+    for _ in range(n_batches):
+        t0 = time.perf_counter()
+        model(**batch)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -71,14 +78,16 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="minilm")
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--batches", type=int, default=7, help="batches per eval pass (merge amortized over them)")
+    p.add_argument("--batches", type=int, default=2, help="forward batches per arm per round")
+    p.add_argument("--eval-batches", type=int, default=7,
+                   help="batches of one evaluation pass the merge is amortized over (SST-2 dev: 7 of 128)")
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.model, args.batch, args.batches, args.rounds, args.seq = "tiny", 8, 2, 1, 16
+        args.model, args.batch, args.batches, args.rounds, args.seq = "tiny", 8, 1, 1, 16
     spec = model_spec(args.model)
     base = load_model(spec, num_labels=2, is_regression=False).eval()
     batch = make_batch(args.batch, args.seq, base.config.vocab_size)
@@ -89,22 +98,36 @@ def main(argv=None) -> int:
         arms[f"{name}_unmerged"] = (model, method, False)
         if method.merge_for_eval and method.mergeable:
             arms[f"{name}_merged"] = (model, method, True)
-    times: dict[str, list[float]] = {k: [] for k in arms}
+    forward: dict[str, list[float]] = {k: [] for k in arms}
+    merge: dict[str, list[float]] = {k: [] for k in arms}
     t0 = time.perf_counter()
-    for _ in range(args.rounds + 1):  # the first round warms up and is dropped
+    for r in range(args.rounds + 1):  # round 0 warms up and is dropped
         for key, (model, method, merged) in arms.items():
-            times[key].append(time_pass(model, method, merged, batch, args.batches))
+            f, m = time_round(model, method, merged, batch, args.batches)
+            if r > 0 or args.rounds == 0:
+                forward[key].append(f)
+                merge[key].append(m)
+        if r > 0:
+            print(f"round {r}/{args.rounds}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f}" for k, v in forward.items()),
+                  file=sys.stderr, flush=True)
     seconds = time.perf_counter() - t0
-    med = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in times.items()}
+    fwd = {k: statistics.median(v) for k, v in forward.items()}
+    mrg = {k: statistics.median(v) for k, v in merge.items()}
     lines = ["# Eval forward per batch, ÷ the bare backbone (cpu, fp32)", "",
              f"Command: `python bench/eval_time.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
              f"Model {args.model}, batch {args.batch}, seq {args.seq}, rank {args.rank} on all six maps; "
-             f"median of {args.rounds} interleaved passes of {args.batches} batches after one warm-up pass; "
-             f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-             f"whole bench {seconds:.0f} s. dynamic_lora's token gate depends on the input, so it cannot merge.", "",
-             "| config | ms/batch | ÷ backbone |", "|---|---|---|"]
+             f"{args.rounds} interleaved rounds (after one warm-up round), each timing {args.batches} forward "
+             f"batch(es) per arm; medians over all timed batches. Merged arms enter `merged_for_eval()` once per "
+             f"round: the merge is timed on its own and amortized over one evaluation pass of "
+             f"{args.eval_batches} batches in the last column. torch {torch.__version__}, "
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; whole bench {seconds:.0f} s. "
+             f"dynamic_lora's token gate depends on the input, so it cannot merge.", "",
+             "| config | forward ms/batch | ÷ backbone | merge ms | ÷ backbone, merge amortized |",
+             "|---|---|---|---|---|"]
     for key in arms:
-        lines.append(f"| {key} | {med[key] * 1e3:.0f} | {med[key] / med['backbone']:.3f} |")
+        amortized = (fwd[key] + mrg[key] / args.eval_batches) / fwd["backbone"]
+        lines.append(f"| {key} | {fwd[key] * 1e3:.0f} | {fwd[key] / fwd['backbone']:.3f} | "
+                     f"{mrg[key] * 1e3:.1f} | {amortized:.3f} |")
     text = "\n".join(lines)
     print(text)
     if not args.quick:

@@ -127,3 +127,79 @@ def test_merged_eval_matches_and_restores_training_weights_exactly(name):
         with torch.no_grad(), method.merged_for_eval():
             _perturb(method, seed=2)
             assert torch.equal(model(**batch).logits, during)
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_stacked_qkv_down_projection_is_the_same_function(name, monkeypatch):
+    """q, k, v share one stacked `x [A_q; A_k; A_v]ᵀ`: logits and every gradient equal the per-module path."""
+    from lorabench.methods.base import SharedInputGroup
+
+    calls = []
+    original_down = SharedInputGroup.down
+    monkeypatch.setattr(SharedInputGroup, "down", lambda self, layer, x: calls.append(layer) or
+                        original_down(self, layer, x))
+    results = []
+    for stacked in (True, False):
+        model = tiny_bert()
+        torch.manual_seed(0)
+        cfg = {**method_config(name), "dropout": 0.0, "fold_low_rank": False}  # the unfolded path stacks
+        if not stacked:
+            cfg["stack_shared_inputs"] = False  # stacked: the method's own default
+        method = methods.attach(model, SPEC, cfg, BUDGET)
+        _perturb(method)
+        model.train()
+        out = model(**tiny_batch())
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in method.named_trainable_parameters() if p.grad is not None}
+        results.append((out.logits.detach(), grads))
+        if stacked and method.stack_shared_inputs:
+            qkv = [layer for n, layer in method.layers.items() if method.targets[n].role in ("query", "key", "value")]
+            assert qkv and all(layer.shared_input is not None for layer in qkv)
+            assert len(calls) == len(qkv)  # every q/k/v went through its group
+            assert all(layer.shared_input._x is None for layer in qkv)  # no activation held after the forward
+    (logits_s, grads_s), (logits_p, grads_p) = results
+    torch.testing.assert_close(logits_s, logits_p, rtol=1e-5, atol=1e-6)
+    assert grads_s.keys() == grads_p.keys() and grads_s
+    for key in grads_s:
+        torch.testing.assert_close(grads_s[key], grads_p[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_folded_fp32_step_is_the_same_function(name):
+    """An fp32 training step folded into W0 + B diag(s·c) A: logits and every gradient equal the unfolded path."""
+    results = []
+    for fold in (True, False):
+        model = tiny_bert()
+        torch.manual_seed(0)
+        method = methods.attach(model, SPEC, {**method_config(name), "dropout": 0.0, "fold_low_rank": fold}, BUDGET)
+        _perturb(method)
+        model.train()
+        x = torch.randn(2, 5, 32)
+        folded = [layer.fold_now(x) for layer in method.layers.values() if hasattr(layer, "fold_now")]
+        out = model(**tiny_batch())
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in method.named_trainable_parameters() if p.grad is not None}
+        results.append((out.logits.detach(), grads, folded))
+    (logits_f, grads_f, folded), (logits_u, grads_u, unfolded) = results
+    assert not any(unfolded)
+    torch.testing.assert_close(logits_f, logits_u, rtol=1e-5, atol=1e-6)
+    assert grads_f.keys() == grads_u.keys() and grads_f
+    for key in grads_f:
+        torch.testing.assert_close(grads_f[key], grads_u[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+
+def test_fold_is_used_where_it_applies_and_only_there():
+    model = tiny_bert()
+    method = methods.attach(model, SPEC, method_config("lora"), BUDGET)
+    layer = next(iter(method.layers.values()))
+    x = torch.randn(2, 5, 32)
+    model.train()
+    assert layer.fold_now(x)
+    with torch.no_grad():
+        assert not layer.fold_now(x)  # eval forward: no graph, nothing to fold for
+    assert not layer.fold_now(x.to(torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer.fold_now(x)  # a small ΔW would be rounded away in bf16 W0 + ΔW
+    dyn = methods.attach(tiny_bert(), SPEC, method_config("dynamic_lora"), BUDGET)
+    assert not next(iter(dyn.layers.values())).fold_now(x)  # the token gate depends on the input

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..budget import LedgerRow
 from . import register
-from .base import AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo
+from .base import AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo, _FoldedLowRank, up_project
 
 
 class DoraLinear(LowRankLinear):
@@ -79,7 +79,7 @@ class DoraLinear(LowRankLinear):
             bias = self.base.bias
             base_term = base_out if bias is None else base_out - bias.to(base_out.dtype)
         h = F.linear(x_adapter, self.lora_A.to(x_adapter.dtype))
-        lora_out = F.linear(h, self.lora_B.to(h.dtype)) * self.scale
+        lora_out = up_project(h, self.lora_B.to(h.dtype)) * self.scale
         gain = gain.to(base_term.dtype)
         return (gain - 1.0) * base_term + gain * lora_out.to(base_term.dtype)
 
@@ -92,8 +92,11 @@ class DoraLinear(LowRankLinear):
         # Without dropout, base(x) + (g − 1) ⊙ x W0ᵀ + g ⊙ s x Aᵀ Bᵀ = g ⊙ (x W0ᵀ + s x Aᵀ Bᵀ) + bias: the same
         # function with two activation-sized elementwise passes (and one saved tensor) instead of five.
         weight, bias = self.base.weight, self.base.bias
-        h = F.linear(x, self.lora_A.to(x.dtype)) * self.scale  # scale the r-wide hidden, not the output
-        z = F.linear(x, weight.to(x.dtype)) + F.linear(h, self.lora_B.to(h.dtype))
+        if self.fold_now(x):  # z = x (W0 + s B A)ᵀ as one GEMM (fp32 training step, see _FoldedLowRank)
+            z = _FoldedLowRank.apply(x, weight, None, self.lora_A, self.lora_B, self.hidden_scale())
+        else:
+            h = self.down(x) * self.scale  # scale the r-wide hidden, not the output
+            z = F.linear(x, weight.to(x.dtype)) + up_project(h, self.lora_B.to(h.dtype))
         gain = self.gain().to(z.dtype)
         return z * gain if bias is None else torch.addcmul(bias.to(z.dtype), z, gain)
 

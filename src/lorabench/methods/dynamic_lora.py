@@ -40,7 +40,7 @@ from ..budget import Ledger, LedgerRow
 from ..errors import ConfigError
 from ..training.hooks import TrainerHook, TrainState
 from . import register
-from .base import AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo
+from .base import AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo, up_project
 
 log = logging.getLogger("lorabench")
 
@@ -199,6 +199,13 @@ class DynamicLoRALinear(LowRankLinear):
     def component_scale(self) -> torch.Tensor | None:
         return self.rank_mask
 
+    def can_fold(self) -> bool:
+        return self.gate == "none"  # a gate makes the update depend on the input
+
+    def hidden_scale(self) -> torch.Tensor:
+        scale = self.alloc_weight * self.scale
+        return scale.expand(self.rank) if self.rank_mask is None else self.rank_mask * scale
+
     def set_rank(self, rank: int) -> None:
         self.rank_mask.copy_((torch.arange(self.rank, device=self.rank_mask.device) < rank).float())
 
@@ -219,15 +226,31 @@ class DynamicLoRALinear(LowRankLinear):
         z = F.linear(x, (self.gate_u * self.gate_inv_sqrt_d).to(x.dtype).unsqueeze(0), self.gate_v.to(x.dtype))
         return 1.0 + torch.tanh(z)
 
+    def down_weight(self) -> torch.Tensor:
+        """A, plus the token gate's row u/√d_in when it reads the same input: its pre-activation then comes
+        out of the down-projection's matmul as one extra column instead of a separate matrix-vector product
+        (and a separate activation-sized gradient in backward)."""
+        if self.gate != "token":
+            return self.lora_A
+        return torch.cat([self.lora_A, (self.gate_u * self.gate_inv_sqrt_d).unsqueeze(0)])
+
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
+        if self.gate == "token" and not self.dropout_active():
+            hz = self.down(x)  # [x Aᵀ | u·x/√d_in]: the branch and the gate read the same (clean) x
+            h, z = hz[..., : self.rank], hz[..., self.rank:]
+            g = 1.0 + torch.tanh(z + self.gate_v.to(z.dtype))
+        elif self.gate == "token":  # active dropout: the gate reads the clean x, the branch the dropped one
+            h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
+            g = self.gate_value(x)
+        else:
+            h = self.down(x)
+            g = self.gate_value(x)
         if self.rank_mask is not None:
             h = h * self.rank_mask.to(h.dtype)
         h = h * (self.alloc_weight * self.scale).to(h.dtype)
-        g = self.gate_value(x)
         if g is not None:  # gating the r-dim hidden is the same as gating the output, and cheaper
             h = h * g.to(h.dtype)
-        return F.linear(h, self.lora_B.to(h.dtype))
+        return up_project(h, self.lora_B.to(h.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         return super().delta_weight() * self.alloc_weight.float()

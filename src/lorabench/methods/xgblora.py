@@ -159,6 +159,9 @@ def _booster_generator(sample_seed: int, booster_index: int) -> torch.Generator:
 class XGBLoRA(AdapterMethod):
     """Boosted rank-1 LoRA (methods.md §5.3 [ours]); see the module docstring for what is the paper's."""
 
+    # only the active boosters compute a branch: a stacked q/k/v down-projection would be mostly wasted
+    stack_shared_inputs = False
+
     # merging folds the live booster into the fp32 accumulated delta (a side effect a weight copy cannot undo),
     # and the one live booster covers only L_s blocks: evaluate unmerged
     merge_for_eval = False
