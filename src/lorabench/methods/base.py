@@ -211,11 +211,15 @@ class LowRankLinear(nn.Module):
         a subclass whose branch has one returns False."""
         return True
 
-    def fold_now(self, x: torch.Tensor) -> bool:
-        """Whether this call runs folded (`_FoldedLowRank`): fp32 training step, no autocast, no dropout."""
-        return (self.allow_fold and self.can_fold() and torch.is_grad_enabled() and x.dtype == torch.float32
+    def fp32_step(self, x: torch.Tensor) -> bool:
+        """An fp32 training call without autocast or active dropout: where the fused paths apply."""
+        return (self.allow_fold and torch.is_grad_enabled() and x.dtype == torch.float32
                 and self.base.weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
                 and not self.dropout_active())
+
+    def fold_now(self, x: torch.Tensor) -> bool:
+        """Whether this call runs folded (`_FoldedLowRank`): fp32 training step, no autocast, no dropout."""
+        return self.can_fold() and self.fp32_step(x)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (d_out, d_in) in fp32: what merge adds to the base weight."""

@@ -177,6 +177,48 @@ class _MaskContext:
         self.mask = kwargs.get("attention_mask")
 
 
+class _TokenGatedLowRank(torch.autograd.Function):
+    """`y = x W0ᵀ + b + (g ⊙ (x Aᵀ) ⊙ cs) Bᵀ` with the token gate `g = 1 + tanh(x u'ᵀ + v)`, `u' = u/√d_in`,
+    for an fp32 training step (the gate makes the update input-dependent, so it cannot fold into W0).
+
+    The same function as `DynamicLoRALinear.branch` added to the base output, computed with fewer
+    activation-sized passes: `x [A; u']ᵀ` is one r+1-wide product; the adapter's output is accumulated into
+    the base GEMM (`addmm_` with β = 1) instead of being written and added; in backward the r+1-wide ∂x
+    term is the buffer the frozen GEMM `∂Y W0` accumulates into. `cs = s·w·mask` is a constant here.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, gate_v, lora_B, cs):
+        r = lora_B.shape[1]
+        x2 = x.reshape(-1, x.shape[-1])
+        hz = x2 @ down.t()  # (tokens, r + 1): the hidden and the gate's pre-activation
+        h = hz[:, :r]
+        t = torch.tanh(hz[:, r:] + gate_v)
+        gated = h * cs * (1.0 + t)
+        out = gated @ lora_B.t() if bias is None else torch.addmm(bias, gated, lora_B.t())
+        out.addmm_(x2, weight.t())
+        ctx.save_for_backward(x, h, t, weight, down, lora_B, cs)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, h, t, weight, down, lora_B, cs = ctx.saved_tensors
+        need_x, _, _, need_down, need_v, need_B, _ = ctx.needs_input_grad
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        gate = 1.0 + t
+        u = (lora_B.t() @ g.t()).t()  # ∂Y B, on the fast side of the GEMM
+        grad_B = ((h * cs * gate).t() @ g).t() if need_B else None
+        dz = (u * h * cs).sum(dim=1, keepdim=True) * (1.0 - t * t)  # through g = 1 + tanh(z)
+        dhz = torch.cat([u * cs * gate, dz], dim=1)
+        grad_down = dhz.t() @ x2 if need_down else None
+        grad_v = dz.sum(dim=0) if need_v else None
+        grad_x = None
+        if need_x:
+            grad_x = (dhz @ down).addmm_(g, weight).view(x.shape)
+        return grad_x, None, None, grad_down, grad_v, grad_B, None
+
+
 class DynamicLoRALinear(LowRankLinear):
     """LoRA with an allocation weight w (buffer), an optional rank mask (buffer) and an optional input gate."""
 
@@ -201,6 +243,12 @@ class DynamicLoRALinear(LowRankLinear):
 
     def can_fold(self) -> bool:
         return self.gate == "none"  # a gate makes the update depend on the input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.merged and self.gate == "token" and self.fp32_step(x):
+            return _TokenGatedLowRank.apply(x, self.base.weight, self.base.bias, self.down_weight(), self.gate_v,
+                                            self.lora_B, self.hidden_scale().detach())
+        return super().forward(x)
 
     def hidden_scale(self) -> torch.Tensor:
         scale = self.alloc_weight * self.scale
