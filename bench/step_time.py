@@ -195,6 +195,19 @@ def time_steps(tr: Trainer, batch, n: int, device: str) -> list[float]:
     return out
 
 
+def paired_ratios(a: list[float], b: list[float]) -> list[float]:
+    """a[i] / b[i]: sample i of both configurations comes from the same round, so slow phases of the machine
+    (this CPU's step times drift by ±20% over minutes) hit numerator and denominator alike."""
+    return [x / y for x, y in zip(a, b)]
+
+
+def iqr(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return (values[0], values[0])
+    q = statistics.quantiles(values, n=4)
+    return (q[0], q[2])
+
+
 def configs(args) -> list[str]:
     names = ["floor", "head_only", "full_ft"] + methods.names() + ["peft_lora", "peft_dora", "peft_adalora"]
     if args.only:
@@ -241,13 +254,12 @@ def run_seq(args) -> list[dict]:
               ", ".join(f"{n} {1000 * statistics.median(times[n]):.0f}" for n in names), file=sys.stderr)
     del trainers
     rows = []
-    floor = statistics.median(times["floor"])
     for n in names:
-        med = statistics.median(times[n])
-        row = {"config": n, "seq": args.seq, "median_ms": 1000 * med, "to_floor": med / floor,
-               "samples": len(times[n])}
+        to_floor = paired_ratios(times[n], times["floor"])
+        row = {"config": n, "seq": args.seq, "median_ms": 1000 * statistics.median(times[n]),
+               "to_floor": statistics.median(to_floor), "to_floor_iqr": iqr(to_floor), "samples": len(times[n])}
         if n in PEFT_OF and PEFT_OF[n] in times:
-            row["to_peft"] = med / statistics.median(times[PEFT_OF[n]])
+            row["to_peft"] = statistics.median(paired_ratios(times[n], times[PEFT_OF[n]]))
         rows.append(row)
     if args.memory:
         mem = {n: measure_memory(n, args) for n in names}
@@ -267,18 +279,20 @@ def render(all_rows: list[dict], args, seconds: float) -> str:
              f"median of {args.rounds}x{args.steps} interleaved steps after {args.warmup} warm-up; "
              f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPUs; whole bench {seconds:.0f} s.", "",
-             "`÷ floor`: step time over the frozen backbone's forward + activation-only backward. "
-             "`÷ PEFT`: over HF PEFT's implementation of the same method. Memory: peak "
+             "`÷ floor`: step time over the frozen backbone's forward + activation-only backward, the median of "
+             "the per-round ratios (each round times every configuration once), with their interquartile range. "
+             "`÷ PEFT`: the same over HF PEFT's implementation of the same method. `ms/step`: median. Memory: peak "
              f"{'RSS' if dev == 'cpu' else 'allocated CUDA memory'} of a process running only that configuration.",
              ""]
     for seq in sorted({r["seq"] for r in all_rows}):
         rows = [r for r in all_rows if r["seq"] == seq]
-        lines += [f"## seq {seq}", "", "| config | ms/step | ÷ floor | ÷ PEFT | peak MB | mem ÷ PEFT |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"## seq {seq}", "", "| config | ms/step | ÷ floor | ÷ floor IQR | ÷ PEFT | peak MB | mem ÷ PEFT |",
+                  "|---|---|---|---|---|---|---|"]
         for r in rows:
             f = lambda k, fmt: (fmt.format(r[k]) if k in r else "")  # noqa: E731
-            lines.append(f"| {r['config']} | {r['median_ms']:.0f} | {r['to_floor']:.2f} | {f('to_peft', '{:.2f}')} | "
-                         f"{f('peak_mb', '{:.0f}')} | {f('mem_to_peft', '{:.2f}')} |")
+            lo, hi = r["to_floor_iqr"]
+            lines.append(f"| {r['config']} | {r['median_ms']:.0f} | {r['to_floor']:.2f} | {lo:.2f}–{hi:.2f} | "
+                         f"{f('to_peft', '{:.2f}')} | {f('peak_mb', '{:.0f}')} | {f('mem_to_peft', '{:.2f}')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -294,7 +308,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--adapter-dropout", type=float, default=0.0)
     p.add_argument("--model-dropout", type=float, default=None, help="override the backbone's dropout")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=1, help="timed steps per configuration per round")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)

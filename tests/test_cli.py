@@ -27,6 +27,7 @@ def test_lora_on_real_rte(tmp_path, real_glue_dir):
     assert (out / "adapter" / "lorabench_adapter.safetensors").exists()
     assert (out / ".hydra" / "config.yaml").exists()
     assert r["versions"]["torch"] and r["timings"]["steps"] == 4
+    assert 0.0 <= r["timings"]["data_fraction"] <= 1.0
 
 
 def test_unknown_method_lists_known(tmp_path):
