@@ -301,7 +301,7 @@ def test_masked_components_contribute_zero():
     m.reallocate(step=1)
     assert sum(m.ranks) == len(m.layers) * RANK and len(set(m.ranks)) > 1
     batch = tiny_batch()
-    with torch.no_grad():  # the same (unfolded) path as the comparison below, so equality can be exact
+    with torch.no_grad():  # the same path as the comparison below, so equality can be exact
         ref_logits = model(**batch).logits
     for r, layer in zip(m.ranks, m.layers.values()):
         x = torch.randn(2, 5, layer.in_features)

@@ -197,7 +197,13 @@ def test_fold_is_used_where_it_applies_and_only_there():
     model.train()
     assert layer.fold_now(x)
     with torch.no_grad():
-        assert not layer.fold_now(x)  # eval forward: no graph, nothing to fold for
+        assert layer.fold_now(x)  # an unmerged eval forward folds too (forward only)
+    layer.dropout = torch.nn.Dropout(0.1)
+    assert not layer.fold_now(x)  # base and adapter would see different inputs
+    model.eval()
+    assert layer.fold_now(x)  # dropout is inactive in eval
+    model.train()
+    layer.dropout = torch.nn.Identity()
     assert not layer.fold_now(x.to(torch.bfloat16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not layer.fold_now(x)  # a small ΔW would be rounded away in bf16 W0 + ΔW

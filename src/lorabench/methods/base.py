@@ -55,7 +55,7 @@ def up_project(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class _FoldedLowRank(torch.autograd.Function):
-    """`y = x (W0 + B diag(cs) A)ᵀ + b`: a low-rank adapter folded into the frozen weight for one fp32 step.
+    """`y = x (W0 + B diag(cs) A)ᵀ + b`: a low-rank adapter folded into the frozen weight for one fp32 call.
 
     Unfolded, the adapter costs two activation-sized passes in forward (the d_out-wide `h Bᵀ` and its add
     to the base output) and two in backward (`∂h A` and its add to ∂x). Folded, x meets one weight
@@ -211,15 +211,16 @@ class LowRankLinear(nn.Module):
         a subclass whose branch has one returns False."""
         return True
 
-    def fp32_step(self, x: torch.Tensor) -> bool:
-        """An fp32 training call without autocast or active dropout: where the fused paths apply."""
-        return (self.allow_fold and torch.is_grad_enabled() and x.dtype == torch.float32
+    def fp32_call(self, x: torch.Tensor) -> bool:
+        """An fp32 call without autocast or active dropout: where the fused paths apply (training steps and
+        unmerged evaluation alike; without a graph a fused function only runs its forward)."""
+        return (self.allow_fold and x.dtype == torch.float32
                 and self.base.weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
                 and not self.dropout_active())
 
     def fold_now(self, x: torch.Tensor) -> bool:
-        """Whether this call runs folded (`_FoldedLowRank`): fp32 training step, no autocast, no dropout."""
-        return self.can_fold() and self.fp32_step(x)
+        """Whether this call runs folded (`_FoldedLowRank`): fp32, no autocast, no active dropout."""
+        return self.can_fold() and self.fp32_call(x)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (d_out, d_in) in fp32: what merge adds to the base weight."""
@@ -344,7 +345,7 @@ class AdapterMethod(ABC):
             self.group_shared_inputs()
         self.after_attach(model)
 
-    # Whether a layer may run an fp32 training step folded into its base weight (`_FoldedLowRank`).
+    # Whether a layer may run fp32 calls through the fused paths (`_FoldedLowRank`, dynamic_lora's gated one).
     fold_low_rank: bool = True
 
     # q, k and v of one block read the same hidden states (true of every model config in conf/model)

@@ -4,10 +4,11 @@
 `m ∈ R^{d_out}` (initialised to `‖W0‖_row`, so `g = 1` and `W' = W0` at init) times a unit-norm direction whose
 change is a LoRA update. The bias is not scaled.
 
-Forward (§2.2, the form peft and NVlabs compute; `W'` is never formed for the matmul):
+Forward (§2.2, the form peft and NVlabs compute):
     y = x W0ᵀ + b + (g − 1) ⊙ (x̃ W0ᵀ) + g ⊙ s·(x̃ Aᵀ Bᵀ),   x̃ = drop(x).
 Without active dropout `x̃ = x` and the first base result (minus the bias) is reused, which equals `x W'ᵀ + b`
-exactly. With active dropout the base term of the correction is recomputed on the dropped input, as in both
+exactly; it is computed as `g ⊙ z + b` with `z = x W0ᵀ + s·x Aᵀ Bᵀ`, and in fp32 `z = x (W0 + s·B A)ᵀ` as one GEMM
+(`_FoldedLowRank` of base.py: the gain stays on the output, so m's gradient is unchanged). With active dropout the base term of the correction is recomputed on the dropped input, as in both
 reference implementations (the training-time function is then not exactly `x W'ᵀ + b`).
 
 The row norm is detached (§2.3, paper §4.3): it is computed under `no_grad`, so `∂L/∂V'` carries no projection
@@ -92,7 +93,7 @@ class DoraLinear(LowRankLinear):
         # Without dropout, base(x) + (g − 1) ⊙ x W0ᵀ + g ⊙ s x Aᵀ Bᵀ = g ⊙ (x W0ᵀ + s x Aᵀ Bᵀ) + bias: the same
         # function with two activation-sized elementwise passes (and one saved tensor) instead of five.
         weight, bias = self.base.weight, self.base.bias
-        if self.fold_now(x):  # z = x (W0 + s B A)ᵀ as one GEMM (fp32 training step, see _FoldedLowRank)
+        if self.fold_now(x):  # z = x (W0 + s B A)ᵀ as one GEMM (fp32 call, see _FoldedLowRank)
             z = _FoldedLowRank.apply(x, weight, None, self.lora_A, self.lora_B, self.hidden_scale())
         else:
             h = self.down(x) * self.scale  # scale the r-wide hidden, not the output

@@ -179,7 +179,7 @@ class _MaskContext:
 
 class _TokenGatedLowRank(torch.autograd.Function):
     """`y = x W0ᵀ + b + (g ⊙ (x Aᵀ) ⊙ cs) Bᵀ` with the token gate `g = 1 + tanh(x u'ᵀ + v)`, `u' = u/√d_in`,
-    for an fp32 training step (the gate makes the update input-dependent, so it cannot fold into W0).
+    for an fp32 call (the gate makes the update input-dependent, so it cannot fold into W0).
 
     The same function as `DynamicLoRALinear.branch` added to the base output, computed with fewer
     activation-sized passes: `x [A; u']ᵀ` is one r+1-wide product; the adapter's output is accumulated into
@@ -245,7 +245,7 @@ class DynamicLoRALinear(LowRankLinear):
         return self.gate == "none"  # a gate makes the update depend on the input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.merged and self.gate == "token" and self.fp32_step(x):
+        if not self.merged and self.gate == "token" and self.fp32_call(x):
             return _TokenGatedLowRank.apply(x, self.base.weight, self.base.bias, self.down_weight(), self.gate_v,
                                             self.lora_B, self.hidden_scale().detach())
         return super().forward(x)
