@@ -209,3 +209,23 @@ def test_fold_is_used_where_it_applies_and_only_there():
         assert not layer.fold_now(x)  # a small ΔW would be rounded away in bf16 W0 + ΔW
     dyn = methods.attach(tiny_bert(), SPEC, method_config("dynamic_lora"), BUDGET)
     assert not next(iter(dyn.layers.values())).fold_now(x)  # the token gate depends on the input
+
+
+def test_fused_autograd_functions_pass_gradcheck():
+    """The hand-written backwards of the speed paths against finite differences (float64, small shapes),
+    including 3-D inputs, a bias and a trainable per-component scale."""
+    from lorabench.methods.base import _FoldedLowRank, _UpProjection
+    from lorabench.methods.dynamic_lora import _TokenGatedLowRank
+
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    x, w0, bias = rand(2, 3, 5), rand(4, 5, grad=False), rand(4, grad=False)
+    a, b, cs = rand(3, 5), rand(4, 3), rand(3)
+    assert torch.autograd.gradcheck(_FoldedLowRank.apply, (x, w0, bias, a, b, cs))
+    assert torch.autograd.gradcheck(_FoldedLowRank.apply, (x, w0, None, a, b, cs.detach()))
+    assert torch.autograd.gradcheck(_UpProjection.apply, (rand(2, 3, 3), b))
+    down, gate_v = rand(4, 5), rand(1)  # [A; u'] for r = 3
+    assert torch.autograd.gradcheck(_TokenGatedLowRank.apply, (x, w0, bias, down, gate_v, b, cs.detach()))
