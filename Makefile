@@ -3,7 +3,7 @@ PYTHON ?= python
 GLUE_DIR ?= $(abspath ../shared/data/glue)
 export GLUE_DIR
 
-.PHONY: help install test test-slow test-gpu test-all bench train sweep report clean
+.PHONY: help install test test-slow test-gpu test-all bench bench-eval profile train sweep report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,12 @@ test-all:  ## everything but GPU tests
 
 bench:  ## step-time / memory benchmark (writes bench/results/)
 	$(PYTHON) bench/step_time.py
+
+bench-eval:  ## eval forward (merged / unmerged) vs the backbone (writes bench/results/)
+	$(PYTHON) bench/eval_time.py
+
+profile:  ## op table of one configuration's training step (override: make profile ARGS="dora floor")
+	$(PYTHON) bench/profile_step.py $(or $(ARGS),lora)
 
 train:  ## a quick LoRA run on RTE (override: make train ARGS="method=dora task=mrpc")
 	$(PYTHON) -m train method=lora task=rte trainer=debug $(ARGS)

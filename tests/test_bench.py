@@ -23,6 +23,14 @@ def test_bench_script_quick_mode(script, baseline):
     assert "| config |" in proc.stdout and baseline in proc.stdout
 
 
+def test_profile_script_prints_the_op_table():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "profile_step.py"), "lora", "--model", "tiny",
+                           "--seq", "8", "--batch", "2", "--steps", "1", "--rows", "500"], capture_output=True,
+                          text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "## lora:" in proc.stdout and "Self CPU" in proc.stdout and "_FoldedLowRank" in proc.stdout
+
+
 @pytest.mark.slow
 def test_lora_within_one_point_of_peft_on_sst2(real_glue_dir):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "lora_vs_peft.py"), "--glue-dir", str(real_glue_dir)],
