@@ -84,13 +84,14 @@ class _FoldedLowRank(torch.autograd.Function):
         grad_x = grad_A = grad_B = grad_cs = None
         if need_x:
             grad_x = (g @ torch.addmm(weight, lora_B * cs, lora_A)).reshape(x.shape)
-        u = (lora_B.t() @ g.t()).t()  # ∂Y B as (Bᵀ ∂Yᵀ)ᵀ: the fast side of the GEMM (see _UpProjection)
-        if need_A:
-            grad_A = (u * cs).t() @ x2
+        if need_A or need_cs:
+            u = (lora_B.t() @ g.t()).t()  # ∂Y B as (Bᵀ ∂Yᵀ)ᵀ: the fast side of the GEMM (see _UpProjection)
+            if need_A:
+                grad_A = (u * cs).t() @ x2
+            if need_cs:
+                grad_cs = (u * h2).sum(dim=0)
         if need_B:
             grad_B = (h2.t() @ g).t() * cs
-        if need_cs:
-            grad_cs = (u * h2).sum(dim=0)
         return grad_x, None, None, grad_A, grad_B, grad_cs
 
 
