@@ -18,23 +18,15 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_time import make_trainer  # noqa: E402
+from step_time import add_config_arguments, make_trainer  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+", help="configurations of step_time.py (floor, lora, peft_lora, ...)")
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--adapter-dropout", type=float, default=0.0)
-    p.add_argument("--model-dropout", type=float, default=None)
+    add_config_arguments(p)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
-    p.add_argument("--vocab", type=int, default=30522)
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

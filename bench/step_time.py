@@ -297,17 +297,23 @@ def render(all_rows: list[dict], args, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_config_arguments(p: argparse.ArgumentParser, seq_help: str | None = None) -> None:
+    """The options `make_trainer` reads (shared with profile_step.py)."""
     p.add_argument("--model", default="minilm")
-    p.add_argument("--seqs", default="64,128", help="comma-separated sequence lengths")
-    p.add_argument("--seq", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument("--seq", type=int, default=64, help=seq_help)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--adapter-dropout", type=float, default=0.0)
     p.add_argument("--model-dropout", type=float, default=None, help="override the backbone's dropout")
+    p.add_argument("--vocab", type=int, default=30522, help=argparse.SUPPRESS)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p, seq_help=argparse.SUPPRESS)
+    p.add_argument("--seqs", default="64,128", help="comma-separated sequence lengths")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=1, help="timed steps per configuration per round")
     p.add_argument("--warmup", type=int, default=1)
@@ -315,7 +321,6 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="comma-separated configurations (floor is always kept)")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 round: a check of the script")
     p.add_argument("--out", default=None, help="results file (default bench/results/step_time_<device>.md)")
-    p.add_argument("--vocab", type=int, default=30522, help=argparse.SUPPRESS)
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))

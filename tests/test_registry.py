@@ -224,12 +224,10 @@ def test_fused_autograd_functions_pass_gradcheck():
 
     x, w0, bias = rand(2, 3, 5), rand(4, 5, grad=False), rand(4, grad=False)
     a, b, cs = rand(3, 5), rand(4, 3), rand(3)
-    assert torch.autograd.gradcheck(_FoldedLowRank.apply, (x, w0, bias, a, b, cs))
-    assert torch.autograd.gradcheck(_FoldedLowRank.apply, (x, w0, None, a, b, cs.detach()))
+    assert torch.autograd.gradcheck(_FoldedLowRank.apply, (x, w0, bias, a, b, cs, None))
+    assert torch.autograd.gradcheck(_FoldedLowRank.apply, (x, w0, None, a, b, cs.detach(), None))
     assert torch.autograd.gradcheck(_UpProjection.apply, (rand(2, 3, 3), b))
-    from lorabench.methods.dora import _FoldedDora
-
-    assert torch.autograd.gradcheck(_FoldedDora.apply, (x, w0, bias, a, b, cs.detach(), rand(4)))
-    assert torch.autograd.gradcheck(_FoldedDora.apply, (x, w0, None, a, b, cs.detach(), rand(4)))
+    assert torch.autograd.gradcheck(_FoldedLowRank.apply, (x, w0, bias, a, b, cs.detach(), rand(4)))  # DoRA's gain
+    assert torch.autograd.gradcheck(_FoldedLowRank.apply, (x, w0, None, a, b, cs.detach(), rand(4)))
     down, gate_v = rand(4, 5), rand(1)  # [A; u'] for r = 3
     assert torch.autograd.gradcheck(_TokenGatedLowRank.apply, (x, w0, bias, down, gate_v, b, cs.detach()))

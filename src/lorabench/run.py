@@ -312,9 +312,10 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     ledger = method.ledger()
     ledger.head_params = sum(p.numel() for _, p in head)
     log.info("final | %s", ledger.summary())
+    # share of the training time spent waiting for the next batch (collate, tokenized cache)
+    data_fraction = fit.data_seconds / fit.train_seconds if fit.train_seconds > 0 else 0.0
     log.info("time: %.0f s training (%.2f s/step), %.0f s eval, data wait %.1f%% of training", fit.train_seconds,
-             fit.train_seconds / max(fit.steps, 1), fit.eval_seconds,
-             100 * fit.data_seconds / fit.train_seconds if fit.train_seconds > 0 else 0.0)
+             fit.train_seconds / max(fit.steps, 1), fit.eval_seconds, 100 * data_fraction)
     exports = _save_adapter(out_dir / "adapter", method, model, head, cfg)
 
     key = f"eval/{spec.primary_metric}"
@@ -335,8 +336,7 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
         "timings": {"train_seconds": fit.train_seconds, "eval_seconds": fit.eval_seconds,
                     "data_seconds": fit.data_seconds, "steps": fit.steps, "skipped_steps": fit.skipped_steps,
                     "seconds_per_step": fit.train_seconds / max(fit.steps, 1),
-                    # share of the training time spent waiting for the next batch (collate, tokenized cache)
-                    "data_fraction": fit.data_seconds / fit.train_seconds if fit.train_seconds > 0 else 0.0,
+                    "data_fraction": data_fraction,
                     "wall_seconds": time.perf_counter() - t0},
         "peak_memory_mb": peak_memory_mb(trainer.device),
         "device": str(trainer.device) + (f" ({torch.cuda.get_device_name()})" if trainer.device.type == "cuda" else ""),

@@ -55,44 +55,59 @@ def up_project(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class _FoldedLowRank(torch.autograd.Function):
-    """`y = x (W0 + B diag(cs) A)ᵀ + b`: a low-rank adapter folded into the frozen weight for one fp32 call.
+    """`y = x (W0 + B diag(cs) A)ᵀ + b`, or with DoRA's gain g (None: no gain) `g ⊙ (x (W0 + B diag(cs) A)ᵀ) + b`:
+    a low-rank adapter folded into the frozen weight for one fp32 call.
 
     Unfolded, the adapter costs two activation-sized passes in forward (the d_out-wide `h Bᵀ` and its add
     to the base output) and two in backward (`∂h A` and its add to ∂x). Folded, x meets one weight
     `W' = W0 + B diag(cs) A` (a d_out×d_in×r product, formed again in backward instead of stored), so forward
     and ∂x cost what the frozen backbone costs; the adapter's own gradients need only r-wide products:
         u = ∂Y B,  ∂A = (u ⊙ cs)ᵀ x,  ∂B = (hᵀ ∂Y)ᵀ diag(cs),  ∂cs = Σ_tokens u ⊙ h,   h = x Aᵀ.
-    Same function and gradients as the unfolded form up to fp32 rounding (W0 + ΔW is rounded once per step).
+    With a gain g (d_out,), g moves onto the weights in backward instead of writing `∂z = ∂Y ⊙ g`:
+    ∂x = ∂Y (diag(g) W'), u = ∂Y diag(g) B, ∂B gets diag(g), and ∂g = Σ_tokens ∂Y ⊙ z with z = x W'ᵀ saved.
+    Same function and gradients as the unfolded form up to fp32 rounding (W0 + ΔW is rounded once per call).
     Only used in fp32 without adapter dropout: under bf16/fp16 a small ΔW would be lost in the rounding of
     W0 + ΔW, and with dropout the base and the adapter see different inputs.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, cs):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, cs, gain):
         h = F.linear(x, lora_A)  # r-wide; kept for ∂B and ∂cs
-        y = F.linear(x, torch.addmm(weight, lora_B * cs, lora_A), bias)
-        ctx.save_for_backward(x, h, weight, lora_A, lora_B, cs)
+        folded = torch.addmm(weight, lora_B * cs, lora_A)
+        if gain is None:
+            z, y = None, F.linear(x, folded, bias)
+        else:
+            z = F.linear(x, folded)
+            y = z * gain if bias is None else torch.addcmul(bias, z, gain)
+        ctx.save_for_backward(x, h, z, weight, lora_A, lora_B, cs, gain)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, h, weight, lora_A, lora_B, cs = ctx.saved_tensors
-        need_x, _, _, need_A, need_B, need_cs = ctx.needs_input_grad
+        x, h, z, weight, lora_A, lora_B, cs, gain = ctx.saved_tensors
+        need_x, _, _, need_A, need_B, need_cs, need_gain = ctx.needs_input_grad
         g = grad_y.reshape(-1, grad_y.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         h2 = h.reshape(-1, h.shape[-1])
-        grad_x = grad_A = grad_B = grad_cs = None
+        row_gain = None if gain is None else gain[:, None]
+        grad_x = grad_A = grad_B = grad_cs = grad_gain = None
         if need_x:
-            grad_x = (g @ torch.addmm(weight, lora_B * cs, lora_A)).reshape(x.shape)
+            folded = torch.addmm(weight, lora_B * cs, lora_A)
+            grad_x = (g @ (folded if row_gain is None else folded * row_gain)).reshape(x.shape)
         if need_A or need_cs:
-            u = (lora_B.t() @ g.t()).t()  # ∂Y B as (Bᵀ ∂Yᵀ)ᵀ: the fast side of the GEMM (see _UpProjection)
+            gained_B = lora_B if row_gain is None else lora_B * row_gain
+            u = (gained_B.t() @ g.t()).t()  # ∂Y diag(g) B as (Bᵀ ∂Yᵀ)ᵀ: the fast side of the GEMM (_UpProjection)
             if need_A:
                 grad_A = (u * cs).t() @ x2
             if need_cs:
                 grad_cs = (u * h2).sum(dim=0)
         if need_B:
             grad_B = (h2.t() @ g).t() * cs
-        return grad_x, None, None, grad_A, grad_B, grad_cs
+            if row_gain is not None:
+                grad_B = grad_B * row_gain
+        if need_gain:
+            grad_gain = (g * z.reshape(-1, z.shape[-1])).sum(dim=0)
+        return grad_x, None, None, grad_A, grad_B, grad_cs, grad_gain
 
 
 class SharedInputGroup:
@@ -194,10 +209,8 @@ class LowRankLinear(nn.Module):
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's additive contribution for input x (dropout applied here)."""
-        h = self.down(x)
         # scale the r-wide hidden rather than the d_out-wide output: the same product for r/d_out of the work
-        c = self.component_scale()
-        h = h * self.scale if c is None else h * (c * self.scale).to(h.dtype)
+        h = self.down(x) * self.hidden_scale().to(x.dtype)
         return up_project(h, self.lora_B.to(h.dtype))
 
     def hidden_scale(self) -> torch.Tensor:
@@ -237,7 +250,7 @@ class LowRankLinear(nn.Module):
             return self.base(x)
         if self.fold_now(x):
             return _FoldedLowRank.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
-                                        self.hidden_scale())
+                                        self.hidden_scale(), None)
         return self.base(x) + self.branch(x)
 
     @torch.no_grad()

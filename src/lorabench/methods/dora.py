@@ -8,7 +8,7 @@ Forward (§2.2, the form peft and NVlabs compute):
     y = x W0ᵀ + b + (g − 1) ⊙ (x̃ W0ᵀ) + g ⊙ s·(x̃ Aᵀ Bᵀ),   x̃ = drop(x).
 Without active dropout `x̃ = x` and the first base result (minus the bias) is reused, which equals `x W'ᵀ + b`
 exactly; it is computed as `g ⊙ z + b` with `z = x W0ᵀ + s·x Aᵀ Bᵀ`, and in fp32 `z = x (W0 + s·B A)ᵀ` as one GEMM
-(`_FoldedDora`, base.py's fold with the gain inside). With active dropout the base term of the correction is recomputed on the dropped input, as in both
+(base.py's `_FoldedLowRank` with the gain inside). With active dropout the base term of the correction is recomputed on the dropped input, as in both
 reference implementations (the training-time function is then not exactly `x W'ᵀ + b`).
 
 The row norm is detached (§2.3, paper §4.3): it is computed under `no_grad`, so `∂L/∂V'` carries no projection
@@ -30,43 +30,7 @@ from torch import nn
 
 from ..budget import LedgerRow
 from . import register
-from .base import AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo, up_project
-
-
-class _FoldedDora(torch.autograd.Function):
-    """`y = g ⊙ (x (W0 + B diag(cs) A)ᵀ) + b` for an fp32 call: `_FoldedLowRank` with DoRA's gain inside.
-
-    Autograd through `addcmul(b, z, g)` would write `∂z = ∂Y ⊙ g` (an activation-sized pass) before the folded
-    backward reads it. Here g moves onto the weights instead: `∂x = ∂Y (diag(g) W')`, `∂Y diag(g) B`, and
-    `∂B = diag(g) ∂Yᵀ h diag(cs)`; the magnitude's path needs `∂g = Σ_tokens ∂Y ⊙ z` with z saved, as before.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, cs, gain):
-        z = F.linear(x, torch.addmm(weight, lora_B * cs, lora_A))
-        h = F.linear(x, lora_A)
-        ctx.save_for_backward(x, h, z, weight, lora_A, lora_B, cs, gain)
-        return z * gain if bias is None else torch.addcmul(bias, z, gain)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, h, z, weight, lora_A, lora_B, cs, gain = ctx.saved_tensors
-        need_x, _, _, need_A, need_B, _, need_gain = ctx.needs_input_grad
-        g = grad_y.reshape(-1, grad_y.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        h2 = h.reshape(-1, h.shape[-1])
-        grad_x = grad_A = grad_B = grad_gain = None
-        row_gain = gain[:, None]
-        if need_x:
-            grad_x = (g @ (torch.addmm(weight, lora_B * cs, lora_A) * row_gain)).reshape(x.shape)
-        if need_A:
-            u = ((lora_B * row_gain).t() @ g.t()).t()  # ∂Y diag(g) B, on the fast side of the GEMM
-            grad_A = (u * cs).t() @ x2
-        if need_B:
-            grad_B = (h2.t() @ g).t() * row_gain * cs
-        if need_gain:
-            grad_gain = (g * z.reshape(-1, z.shape[-1])).sum(dim=0)
-        return grad_x, None, None, grad_A, grad_B, None, grad_gain
+from .base import AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo, _FoldedLowRank, up_project
 
 
 class DoraLinear(LowRankLinear):
@@ -107,8 +71,7 @@ class DoraLinear(LowRankLinear):
         given, the bias-free base term is computed on the dropped input.
         """
         gain = self.gain()
-        dropout_active = self.training and isinstance(self.dropout, nn.Dropout)
-        if dropout_active or base_out is None:
+        if self.dropout_active() or base_out is None:
             x_adapter = self.dropout(x)
             base_term = F.linear(x_adapter, self.base.weight.to(x.dtype))
         else:
@@ -123,14 +86,14 @@ class DoraLinear(LowRankLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        if self.training and isinstance(self.dropout, nn.Dropout):
+        if self.dropout_active():
             # the base term of the correction sees the dropped input: the §2.2 form as written
             return self.base(x) + self.branch(x, None)
         # Without dropout, base(x) + (g − 1) ⊙ x W0ᵀ + g ⊙ s x Aᵀ Bᵀ = g ⊙ (x W0ᵀ + s x Aᵀ Bᵀ) + bias: the same
         # function with two activation-sized elementwise passes (and one saved tensor) instead of five.
         weight, bias = self.base.weight, self.base.bias
         if self.fold_now(x):  # z = x (W0 + s B A)ᵀ as one GEMM, the gain inside the function (fp32 call)
-            return _FoldedDora.apply(x, weight, bias, self.lora_A, self.lora_B, self.hidden_scale(), self.gain())
+            return _FoldedLowRank.apply(x, weight, bias, self.lora_A, self.lora_B, self.hidden_scale(), self.gain())
         h = self.down(x) * self.scale  # scale the r-wide hidden, not the output
         z = F.linear(x, weight.to(x.dtype)) + up_project(h, self.lora_B.to(h.dtype))
         gain = self.gain().to(z.dtype)

@@ -271,8 +271,12 @@ class DynamicLoRALinear(LowRankLinear):
             return None
         if self.gate == "sequence" and x.dim() >= 3:
             x = self._sequence_summary(x)
-        z = F.linear(x, (self.gate_u * self.gate_inv_sqrt_d).to(x.dtype).unsqueeze(0), self.gate_v.to(x.dtype))
+        z = F.linear(x, self._gate_row().to(x.dtype), self.gate_v.to(x.dtype))
         return 1.0 + torch.tanh(z)
+
+    def _gate_row(self) -> torch.Tensor:
+        """u/√d_in as a (1, d_in) weight row."""
+        return (self.gate_u * self.gate_inv_sqrt_d).unsqueeze(0)
 
     def down_weight(self) -> torch.Tensor:
         """A, plus the token gate's row u/√d_in when it reads the same input: its pre-activation then comes
@@ -280,7 +284,7 @@ class DynamicLoRALinear(LowRankLinear):
         (and a separate activation-sized gradient in backward)."""
         if self.gate != "token":
             return self.lora_A
-        return torch.cat([self.lora_A, (self.gate_u * self.gate_inv_sqrt_d).unsqueeze(0)])
+        return torch.cat([self.lora_A, self._gate_row()])
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate == "token" and not self.dropout_active():
@@ -293,9 +297,7 @@ class DynamicLoRALinear(LowRankLinear):
         else:
             h = self.down(x)
             g = self.gate_value(x)
-        if self.rank_mask is not None:
-            h = h * self.rank_mask.to(h.dtype)
-        h = h * (self.alloc_weight * self.scale).to(h.dtype)
+        h = h * self.hidden_scale().to(h.dtype)  # s·w, times the rank mask in rank mode
         if g is not None:  # gating the r-dim hidden is the same as gating the output, and cheaper
             h = h * g.to(h.dtype)
         return up_project(h, self.lora_B.to(h.dtype))
