@@ -210,7 +210,8 @@ class LowRankLinear(nn.Module):
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's additive contribution for input x (dropout applied here)."""
         # scale the r-wide hidden rather than the d_out-wide output: the same product for r/d_out of the work
-        h = self.down(x) * self.hidden_scale().to(x.dtype)
+        h = self.down(x)  # under autocast h is already low precision while x is not: cast to h's dtype
+        h = h * self.hidden_scale().to(h.dtype)
         return up_project(h, self.lora_B.to(h.dtype))
 
     def hidden_scale(self) -> torch.Tensor:
