@@ -1,13 +1,22 @@
-"""Accuracy check: lorabench's LoRA vs HF PEFT's LoRA through the same trainer, data and seed.
+"""Every local GLUE task learns: lorabench's LoRA run vs an independent HF PEFT LoRA loop, with baselines.
 
-Both arms share everything but the adapter implementation: the same tokenized subset, batch order, task head
-init, optimizer, schedule and evaluation (lorabench's Trainer). Each arm initialises its own adapter under the
-same seed (PEFT with its own init code), as a user switching libraries would see it.
+Two arms per task and seed, on the same tokenized training subset and dev set:
 
-  GLUE_DIR=../shared/data/glue python bench/lora_vs_peft.py                 # SST-2, 4000 train, 1 epoch
-  python bench/lora_vs_peft.py --task rte --max-train 1000 --epochs 2
+- `lorabench`: the product path, `lorabench.run.run_job` on the composed Hydra config (what
+  `python -m train method=lora task=<t> trainer.max_train_samples=N trainer.epochs=E seed=S` runs);
+- `peft`: plain transformers + HF PEFT: `AutoModelForSequenceClassification.from_pretrained`, `LoraConfig` on the
+  same six maps with the same r / alpha / dropout, the head through PEFT's own `modules_to_save` (the classifier,
+  and the pooler wherever lorabench trains it: the same head treatment), and a training loop written here with
+  torch's AdamW and transformers' linear warmup schedule. It shares only the data (tokenized subset and the seeded
+  batch order) and the metric functions with the other arm.
 
-Writes bench/results/lora_vs_peft_<task>.md (+ .json) with both dev metrics, wall times and the command.
+Also reported: the majority-class (classification) or mean-prediction (regression) baseline on each dev set, i.e.
+what a model that learnt nothing scores. Scores are each run's last-epoch dev metric ×100, mean over seeds.
+
+  GLUE_DIR=../shared/data/glue python bench/lora_vs_peft.py                       # six tasks, 2000 train, 3 epochs
+  python bench/lora_vs_peft.py --tasks stsb --seeds 1,2 --arms lorabench,peft,lorabench_frozen_pooler
+
+Writes bench/results/lora_vs_peft_glue.md (+ .json; `--out` to change) with the command.
 """
 
 from __future__ import annotations
@@ -18,105 +27,206 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from lorabench import methods  # noqa: E402
-from lorabench.backbone import ModelSpec, find_targets, freeze_backbone, load_model, load_tokenizer  # noqa: E402
-from lorabench.budget import Budget  # noqa: E402
-from lorabench.data import BatchLoader, Collator, load_task_data, load_task_spec, resolve_glue_dir  # noqa: E402
-from lorabench.run import make_evaluator, seed_everything  # noqa: E402
-from lorabench.training.trainer import Trainer, TrainerConfig  # noqa: E402
+from lorabench.backbone import ModelSpec, head_parameters, load_model, load_tokenizer  # noqa: E402
+from lorabench.data import BatchLoader, Collator, load_task_data, resolve_glue_dir  # noqa: E402
+from lorabench.metrics import compute_metrics  # noqa: E402
+from lorabench.run import run_job, seed_everything  # noqa: E402
+
+TASKS = ("cola", "sst2", "mrpc", "stsb", "rte", "wnli")
 
 
-def run_arm(arm: str, args, spec, data, tokenizer, model_spec) -> dict:
-    seed_everything(args.seed)
-    model = load_model(model_spec, spec.num_labels, spec.is_regression, vocab_size=len(tokenizer))
-    head = freeze_backbone(model)
-    budget = Budget("bench", args.rank)
-    targets = find_targets(model, model_spec, budget.target_modules)
-    seed_everything(args.seed)
-    if arm == "lorabench":
-        m = methods.attach(model, model_spec, {"name": "lora", "alpha": args.alpha, "dropout": args.dropout}, budget)
-        params = list(m.named_trainable_parameters()) + head
-    else:
-        import peft
+def compose(task: str, seed: int, args, extra: list[str] = ()) -> dict:
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
-        cfg = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                              target_modules=[t.name.split(".", 1)[1] for t in targets])
-        model = peft.get_peft_model(model, cfg)
-        for n, p in model.named_parameters():  # the head trains in both arms (PEFT froze it)
-            if any(n.endswith(h) for h, _ in head):
-                p.requires_grad_(True)
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    n_train = sum(p.numel() for _, p in params)
-    collate = Collator(tokenizer.pad_token_id)
-    train_loader = BatchLoader(data.train, args.batch, collate, shuffle=True, seed=args.seed)
-    eval_loaders = {k: BatchLoader(v, 128, collate, shuffle=False) for k, v in data.evals.items()}
-    ref: list = []
-    tcfg = TrainerConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch, warmup_ratio=args.warmup_ratio,
-                         weight_decay=args.weight_decay, progress_bar=True, log_every=10**9)
-    tr = Trainer(tcfg, model, params, train_loader, make_evaluator(spec, eval_loaders, ref), spec.primary_metric,
-                 head_param_names=[n for n, _ in head] if arm == "lorabench" else
-                 [n for n, _ in params if "lora_" not in n])
-    ref.append(tr)
+    overrides = [f"task={task}", "method=lora", f"seed={seed}", f"trainer.max_train_samples={args.max_train}",
+                 f"trainer.epochs={args.epochs}", f"trainer.lr={args.lr}", f"trainer.batch_size={args.batch}",
+                 f"budget.rank={args.rank}", f"method.alpha={args.alpha}", f"method.dropout={args.dropout}",
+                 "logger=none", "trainer.progress_bar=false", *extra]
+    if args.glue_dir:
+        overrides.append(f"data.glue_dir={args.glue_dir}")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return OmegaConf.to_container(hydra_compose("config", overrides=overrides), resolve=True)
+
+
+def lorabench_arm(task: str, seed: int, args, extra: list[str] = ()) -> dict:
+    cfg = compose(task, seed, args, extra)
+    out = Path(args.work_dir) / f"{task}_s{seed}_{'_'.join(extra) or 'lorabench'}".replace("=", "-")
+    r = run_job(cfg, out)
+    return {"history": r["history"], "last": r["last"], "trainable": r["params"]["trainable"],
+            "seconds": r["timings"]["wall_seconds"]}
+
+
+def peft_arm(task: str, seed: int, args, data, tokenizer, spec, model_spec) -> dict:
+    import peft
+    from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+
+    from lorabench.backbone import package_model_dir
+
     t0 = time.perf_counter()
-    fit = tr.fit()
-    return {"arm": arm, "trainable_params": n_train, "last": fit.last, "best": fit.best,
-            "train_seconds": fit.train_seconds, "eval_seconds": fit.eval_seconds,
-            "wall_seconds": time.perf_counter() - t0}
+    # which backbone modules train with the head is lorabench's rule (here: the untouched pooler); PEFT gets the
+    # same list as modules_to_save, so the two arms differ in the adapter and the loop, not in the head
+    head_modules = sorted({n.rpartition(".")[0] for n, _ in head_parameters(
+        load_model(model_spec, spec.num_labels, spec.is_regression))})
+    seed_everything(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(package_model_dir(model_spec.package)), num_labels=spec.num_labels,
+        problem_type="regression" if spec.is_regression else "single_label_classification")
+    targets = sorted({f"{model_spec.layer_path}.{i}.{path}" for i in range(model.config.num_hidden_layers)
+                      for path in model_spec.targets.values()})
+    seed_everything(seed)
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets,
+        modules_to_save=head_modules))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2]
+    no_decay = [p for n, p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr)
+    loader = BatchLoader(data.train, args.batch, Collator(tokenizer.pad_token_id), shuffle=True, seed=seed)
+    total = len(loader) * args.epochs
+    sched = get_linear_schedule_with_warmup(opt, int(0.06 * total), total)
+    history = []
+    for epoch in range(args.epochs):
+        model.train()
+        loader.epoch = epoch
+        for batch in loader:
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        history.append({"epoch": epoch + 1, **evaluate(model, data, tokenizer, spec)})
+    return {"history": history, "last": history[-1], "trainable": sum(p.numel() for _, p in params),
+            "seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def evaluate(model, data, tokenizer, spec) -> dict:
+    model.eval()
+    out = {}
+    for name, split in data.evals.items():
+        preds, labels = [], []
+        for batch in BatchLoader(split, 128, Collator(tokenizer.pad_token_id), shuffle=False):
+            y = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            preds.append(logits.squeeze(-1) if spec.is_regression else logits.argmax(-1))
+            labels.append(y)
+        suffix = next(s.suffix for s in spec.eval_splits if s.name == name)
+        for k, v in compute_metrics(spec.metrics, torch.cat(preds).numpy(), torch.cat(labels).numpy()).items():
+            out[f"eval/{k}{suffix}"] = v
+    return out
+
+
+def baseline(data, spec) -> dict:
+    """What a model that learnt nothing scores: the train set's majority class, or its mean score."""
+    train_y = np.asarray(data.train.labels)
+    out = {}
+    for name, split in data.evals.items():
+        y = np.asarray(split.labels)
+        if spec.is_regression:
+            pred = np.full(len(y), train_y.mean())
+        else:
+            pred = np.full(len(y), np.bincount(train_y.astype(int)).argmax())
+        suffix = next(s.suffix for s in spec.eval_splits if s.name == name)
+        out.update({f"eval/{k}{suffix}": v for k, v in compute_metrics(spec.metrics, pred, y).items()})
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="sst2")
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--max-train", type=int, default=4000)
-    p.add_argument("--max-eval", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--seeds", default="1")
+    p.add_argument("--arms", default="lorabench,peft",
+                   help="lorabench, peft, lorabench_frozen_pooler (model.pooler=freeze: the old head)")
+    p.add_argument("--max-train", type=int, default=2000)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--max-seq-length", type=int, default=128)
-    p.add_argument("--warmup-ratio", type=float, default=0.06)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--arms", default="lorabench,peft")
     p.add_argument("--glue-dir", default=None)
+    p.add_argument("--work-dir", default=str(REPO / "runs" / "bench_lora_vs_peft"))
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "lora_vs_peft_glue"))
     args = p.parse_args(argv)
 
-    spec = load_task_spec(args.task)
-    model_spec = ModelSpec.from_dict(yaml.safe_load((REPO / "conf" / "model" / f"{args.model}.yaml").read_text()))
+    from lorabench.data import load_task_spec
+    import yaml
+
+    model_spec = ModelSpec.from_dict(yaml.safe_load((REPO / "conf" / "model" / "minilm.yaml").read_text()))
     tokenizer = load_tokenizer(model_spec)
-    data = load_task_data(spec, tokenizer, args.max_seq_length, resolve_glue_dir(args.glue_dir), None,
-                          args.max_train, args.max_eval)
-    rows = [run_arm(arm, args, spec, data, tokenizer, model_spec) for arm in args.arms.split(",")]
-    key = f"eval/{spec.primary_metric}"
-    lines = [f"# LoRA: lorabench vs HF PEFT on {args.task} ({args.model})", "",
-             f"Command: `python bench/lora_vs_peft.py {' '.join(sys.argv[1:])}`", "",
-             f"{len(data.train)} training examples, {', '.join(f'{k} {len(v)}' for k, v in data.evals.items())} "
-             f"dev examples; r={args.rank} on all six maps, alpha {args.alpha}, dropout {args.dropout}, lr {args.lr}, "
-             f"batch {args.batch}, {args.epochs} epoch(s), warmup ratio {args.warmup_ratio}, weight decay "
-             f"{args.weight_decay}, max length {args.max_seq_length}, seed {args.seed}. Same trainer and data.", "",
-             f"| arm | trainable params | last {key} | best {key} | train s | eval s |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['arm']} | {r['trainable_params']:,} | {r['last'][key]:.4f} | {r['best'][key]:.4f} | "
-                     f"{r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
-    if len(rows) == 2:
-        diff = 100 * (rows[0]["last"][key] - rows[1]["last"][key])
-        lines += ["", f"Difference (last, points): {diff:+.2f}."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = REPO / "bench" / "results" / f"lora_vs_peft_{args.task}.md"
+    seeds = [int(s) for s in args.seeds.split(",")]
+    arms = args.arms.split(",")
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows}, indent=2, default=str))
+    record = {"argv": sys.argv[1:], "tasks": {}}
+    for task in args.tasks.split(","):
+        spec = load_task_spec(task)
+        data = load_task_data(spec, tokenizer, 128, resolve_glue_dir(args.glue_dir), None, args.max_train)
+        entry = {"metric": f"eval/{spec.primary_metric}", "n_train": len(data.train),
+                 "n_dev": {k: len(v) for k, v in data.evals.items()}, "baseline": baseline(data, spec), "runs": {}}
+        for arm in arms:
+            for seed in seeds:
+                if arm == "lorabench":
+                    r = lorabench_arm(task, seed, args)
+                elif arm == "lorabench_frozen_pooler":
+                    r = lorabench_arm(task, seed, args, ["model.pooler=freeze"])
+                elif arm == "peft":
+                    r = peft_arm(task, seed, args, data, tokenizer, spec, model_spec)
+                else:
+                    raise SystemExit(f"unknown arm {arm!r}")
+                entry["runs"].setdefault(arm, []).append({"seed": seed, **r})
+                print(f"{task} {arm} seed {seed}: {entry['metric']} = {r['last'][entry['metric']]:.4f} "
+                      f"({r['seconds']:.0f} s)", flush=True)
+        record["tasks"][task] = entry
+        out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str))
+        out.with_suffix(".md").write_text(render(record, args, arms, seeds))
+    print(render(record, args, arms, seeds))
     return 0
+
+
+def render(record: dict, args, arms: list[str], seeds: list[int]) -> str:
+    def score(runs, key):
+        vals = [100 * r["last"][key] for r in runs]
+        sd = f" ± {np.std(vals, ddof=1):.1f}" if len(vals) > 1 else ""
+        return float(np.mean(vals)), f"{np.mean(vals):.1f}{sd}"
+
+    lines = ["# LoRA: lorabench vs HF PEFT on the local GLUE tasks (all-MiniLM-L6-v2)", "",
+             f"Command: `python bench/lora_vs_peft.py {' '.join(record['argv'])}`", "",
+             f"LoRA r={args.rank}, alpha {args.alpha}, dropout {args.dropout} on all six maps of every block; lr "
+             f"{args.lr}, batch {args.batch}, {args.epochs} epochs, warmup 6%, weight decay 0.01 on matrices, "
+             f"max length 128; a fixed random subset of {args.max_train} training examples (the whole set "
+             f"when smaller), full dev sets; seeds {', '.join(map(str, seeds))}. Scores: last-epoch dev "
+             f"metric ×100 (mean ± std over seeds). Baseline: majority class / mean prediction of the training "
+             f"labels.", "",
+             "| task | metric | train | dev | baseline | " + " | ".join(arms) + " | lorabench − peft |",
+             "|---|---|---|---|---|" + "---|" * len(arms) + "---|"]
+    for task, e in record["tasks"].items():
+        key = e["metric"]
+        cells, means = [], {}
+        for arm in arms:
+            means[arm], text = score(e["runs"][arm], key)
+            cells.append(text)
+        diff = f"{means['lorabench'] - means['peft']:+.1f}" if {"lorabench", "peft"} <= set(means) else ""
+        lines.append(f"| {task} | {key.split('/', 1)[1]} | {e['n_train']} | {sum(e['n_dev'].values())} | "
+                     f"{100 * e['baseline'][key]:.1f} | " + " | ".join(cells) + f" | {diff} |")
+    lines += ["", "Per epoch (first seed):", ""]
+    for task, e in record["tasks"].items():
+        key = e["metric"]
+        per = "; ".join(f"{arm} " + " / ".join(f"{100 * h[key]:.1f}" for h in e["runs"][arm][0]["history"])
+                        for arm in arms)
+        lines.append(f"- {task}: {per}")
+    secs = sum(r["seconds"] for e in record["tasks"].values() for runs in e["runs"].values() for r in runs)
+    lines += ["", f"Total wall time of the runs: {secs / 60:.0f} min on this machine."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -36,3 +36,11 @@ def test_constant_predictions_give_zero_correlation():
 def test_unknown_metric():
     with pytest.raises(ValueError, match="unknown metric"):
         compute_metrics(["bleu"], np.zeros(2), np.zeros(2))
+
+
+def test_constant_non_round_predictions_give_zero_correlation():
+    """A constant predictor of a value whose std rounds to an ulp above 0 (the mean-prediction baseline)."""
+    p = np.full(1500, 2.3456789, dtype=np.float32)
+    assert np.std(p) > 0  # the rounding this test is about
+    m = compute_metrics(["pearson", "spearman"], p, np.linspace(0, 5, 1500))
+    assert m == {"pearson": 0.0, "spearman": 0.0}

@@ -30,12 +30,23 @@ class ModelSpec:
     config: dict[str, Any] = field(default_factory=dict)
     layer_path: str = "encoder.layer"
     targets: dict[str, str] = field(default_factory=dict)  # role → path inside one block
+    pooler: str = "auto"  # auto | train | freeze: whether the backbone's pooler joins the trained head
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        pooler = str(d.get("pooler", "auto"))
+        if pooler not in POOLER_CHOICES:
+            raise ConfigError(f"model.pooler must be one of {', '.join(POOLER_CHOICES)}; got {pooler!r}")
         return cls(name=d["name"], source=d["source"], path=d.get("path"), package=d.get("package"),
                    architecture=d.get("architecture", "bert"), config=dict(d.get("config") or {}),
-                   layer_path=d.get("layer_path", "encoder.layer"), targets=dict(d.get("targets") or {}))
+                   layer_path=d.get("layer_path", "encoder.layer"), targets=dict(d.get("targets") or {}),
+                   pooler=pooler)
+
+
+POOLER_CHOICES = ("auto", "train", "freeze")
+# Set on every model load_model returns: the parameter names that must train with the head because no
+# pretrained value was loaded for them (see untrained_parameter_names).
+UNTRAINED_ATTR = "lorabench_untrained_parameters"
 
 
 def package_model_dir(package: str) -> Path:
@@ -92,7 +103,10 @@ def load_tokenizer(spec: ModelSpec):
 
 
 def load_model(spec: ModelSpec, num_labels: int, is_regression: bool, vocab_size: int | None = None) -> nn.Module:
-    """A sequence classifier in fp32 (AMP keeps fp32 master weights; autocast lowers per op)."""
+    """A sequence classifier in fp32 (AMP keeps fp32 master weights; autocast lowers per op).
+
+    The returned model carries, as `UNTRAINED_ATTR`, the names of the parameters that `freeze_backbone` must
+    leave trainable because the checkpoint gave them no pretrained value."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     problem = "regression" if is_regression else "single_label_classification"
@@ -100,15 +114,59 @@ def load_model(spec: ModelSpec, num_labels: int, is_regression: bool, vocab_size
         if spec.source == "config":
             cfg = AutoConfig.for_model(spec.architecture, num_labels=num_labels, problem_type=problem,
                                        vocab_size=vocab_size or 30522, **spec.config)
-            return AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
-        loc = _weights_location(spec)
-        try:
-            return AutoModelForSequenceClassification.from_pretrained(
-                loc, num_labels=num_labels, problem_type=problem, dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"could not load model {spec.name} from {loc}: {str(e).splitlines()[0]}. "
-                              f"Hub models need network access or a filled Hugging Face cache; offline, "
-                              f"use model=minilm or model.source=path model.path=<folder>.") from None
+            model = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
+            # A config-built backbone stands in for a pretrained one as it is: no checkpoint, nothing "missing".
+            not_loaded: set[str] = set()
+        else:
+            loc = _weights_location(spec)
+            try:
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    loc, num_labels=num_labels, problem_type=problem, dtype=torch.float32, output_loading_info=True)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"could not load model {spec.name} from {loc}: {str(e).splitlines()[0]}. "
+                                  f"Hub models need network access or a filled Hugging Face cache; offline, "
+                                  f"use model=minilm or model.source=path model.path=<folder>.") from None
+            not_loaded = _loading_info_names(info)
+    setattr(model, UNTRAINED_ATTR, frozenset(untrained_parameter_names(model, spec.pooler, not_loaded)))
+    return model
+
+
+def _loading_info_names(info: dict[str, Any]) -> set[str]:
+    """Parameter names transformers initialised afresh: missing from the checkpoint, or of another shape."""
+    names = set(info.get("missing_keys") or ())
+    for entry in info.get("mismatched_keys") or ():
+        names.add(entry[0] if isinstance(entry, (tuple, list)) else entry)
+    return names
+
+
+def _pooler_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters of the backbone's own pooler (`<prefix>.pooler.*`), if it has one. Models whose pooler
+    sits outside the backbone prefix (DeBERTa's top-level `pooler`) have it in the head already."""
+    prefix = getattr(model, "base_model_prefix", "") + ".pooler."
+    return [(n, p) for n, p in model.named_parameters() if n.startswith(prefix)]
+
+
+def _pooler_untouched(pooler: list[tuple[str, nn.Parameter]]) -> bool:
+    """A pooler whose biases are all exactly zero still holds its initialisation: transformers initialises
+    Linear biases to zero and any training step moves them. all-MiniLM-L6-v2 ships such a pooler (it was
+    trained with mean pooling; its dense layer is the distillation's untouched init)."""
+    biases = [p for n, p in pooler if n.endswith("bias")]
+    return bool(biases) and all(bool((p == 0).all()) for p in biases)
+
+
+def untrained_parameter_names(model: nn.Module, pooler: str, not_loaded: set[str]) -> set[str]:
+    """Backbone parameters that must train with the head: every one the checkpoint did not provide, and the
+    pooler unless it is pretrained (`pooler=auto`: its weights were loaded and it is not an untouched init;
+    `train` always trains it; `freeze` keeps a loaded pooler frozen even when it looks untouched, the papers'
+    rule). A random frozen pooler is a fixed random projection in front of the classifier: sentence-pair
+    tasks cannot be learnt through it. Weights missing from the checkpoint train whatever the setting."""
+    params = dict(model.named_parameters())
+    names = {n for n in not_loaded if n in params}
+    pooler_params = _pooler_parameters(model)
+    if pooler == "train" or (pooler == "auto" and pooler_params and (
+            any(n in names for n, _ in pooler_params) or _pooler_untouched(pooler_params))):
+        names.update(n for n, _ in pooler_params)
+    return names
 
 
 def find_targets(model: nn.Module, spec: ModelSpec, roles: tuple[str, ...] | list[str]) -> list[TargetInfo]:
@@ -139,9 +197,12 @@ def find_targets(model: nn.Module, spec: ModelSpec, roles: tuple[str, ...] | lis
 
 
 def head_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The task head: every parameter outside the backbone prefix (the papers' rule; the pooler stays frozen)."""
+    """The task head: every parameter outside the backbone prefix (the papers' rule), plus the backbone
+    parameters that hold no pretrained value (`UNTRAINED_ATTR`: missing from the checkpoint, or an untouched
+    pooler). A pretrained pooler stays frozen, as in the papers."""
     prefix = getattr(model, "base_model_prefix", "") + "."
-    return [(n, p) for n, p in model.named_parameters() if not n.startswith(prefix)]
+    untrained = getattr(model, UNTRAINED_ATTR, frozenset())
+    return [(n, p) for n, p in model.named_parameters() if not n.startswith(prefix) or n in untrained]
 
 
 def freeze_backbone(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

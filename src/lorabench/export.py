@@ -57,9 +57,10 @@ PEFT_PREFIX = "base_model.model."
 # --- PEFT adapter ---------------------------------------------------------------------------------------------
 
 def head_module_names(head_param_names: Sequence[str]) -> list[str]:
-    """`modules_to_save` for PEFT: the top-level modules holding the task head (`classifier`; DeBERTa adds
-    `pooler`), from the parameter names of `backbone.head_parameters`."""
-    return sorted({n.split(".", 1)[0] for n in head_param_names})
+    """`modules_to_save` for PEFT: the full path of every module holding a head parameter (`classifier`,
+    `bert.pooler.dense` when the pooler trains), from the parameter names of `backbone.head_parameters`.
+    Full paths, since PEFT matches them as name suffixes: `dense` alone would catch every block."""
+    return sorted({n.rpartition(".")[0] for n in head_param_names})
 
 
 def base_model_location(model_spec) -> str | None:

@@ -27,7 +27,8 @@ def compute_metrics(names: Sequence[str], predictions: np.ndarray, labels: np.nd
         elif name == "mcc":
             out[name] = float(matthews_corrcoef(labels, predictions))
         elif name in ("pearson", "spearman"):
-            if np.std(predictions) == 0 or np.std(labels) == 0:
+            # max == min, not std == 0: the std of n equal floats can be an ulp above 0 (the mean rounds)
+            if np.ptp(predictions) == 0 or np.ptp(labels) == 0:
                 out[name] = 0.0  # undefined for a constant predictor; 0 is what "no correlation" means here
             else:
                 fn = pearsonr if name == "pearson" else spearmanr
