@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import LorabenchError
+from .errors import LorabenchError, RunInterrupted
 
 log = logging.getLogger("lorabench")
 
@@ -39,11 +39,19 @@ def run_configured_job(config: dict[str, Any] | Callable[[], dict[str, Any]], ou
     _JOB_STARTED = True
     from .run import run_job  # imported here: the entry guard below must stay light (no torch before Hydra)
 
+    from .interrupt import StopSignals
+
     _reset_device_memory_stats()
+    signals = StopSignals()
     try:
-        if callable(config):
-            config = _resolve_or_record(config, Path(out_dir), composed)
-        return run_job(config, out_dir)
+        with signals.installed():
+            if callable(config):
+                config = _resolve_or_record(config, Path(out_dir), composed)
+            return run_job(config, out_dir, signals=signals)
+    except RunInterrupted as e:
+        # also in a sweep: the user (or the scheduler) stopped the whole process, not one job
+        print(interrupted_message(e, Path(out_dir), in_sweep), file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         raise
     except Exception as e:
@@ -58,6 +66,25 @@ def run_configured_job(config: dict[str, Any] | Callable[[], dict[str, Any]], ou
         raise
     finally:
         _release_memory()
+
+
+def interrupted_message(e: RunInterrupted, out_dir: Path, in_sweep: bool) -> str:
+    """The one line an interrupted run ends with: where it stopped, where its results are, how to go on."""
+    import json
+
+    where = f"at step {e.step}/{e.total_steps}" if e.step is not None else "before training started"
+    line = f"interrupted ({e.signal_name}) {where}; partial results in {out_dir}"
+    try:
+        checkpoint = json.loads((out_dir / "results.json").read_text()).get("checkpoint")
+    except (OSError, ValueError):
+        checkpoint = None
+    if in_sweep:
+        return line + "; the sweep stopped (`python -m report <sweep dir>` reports the jobs that finished)"
+    if checkpoint:
+        args = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "trainer.resume="))]
+        return line + f"; resume with: python -m train {' '.join(args + [f'trainer.resume={out_dir}'])}".rstrip()
+    return line + ("; no checkpoint was saved (trainer.checkpoint_every=<steps> makes Ctrl-C resumable; "
+                   "SIGTERM always saves one)" if e.step is not None else "")
 
 
 def _resolve_or_record(resolve: Callable[[], dict[str, Any]], out_dir: Path,
@@ -135,6 +162,18 @@ def guard_hydra_main(hydra_main: Callable[[], Any]) -> Any:
     """
     global _JOB_STARTED
     _JOB_STARTED = False
+    from .interrupt import StopSignals
+
+    # Until a job installs its own, a signal stops the process at once, as one line (no traceback).
+    with StopSignals().installed():
+        try:
+            return _call_hydra_main(hydra_main)
+        except RunInterrupted as e:
+            print(f"interrupted ({e.signal_name}) before the run started", file=sys.stderr)
+            sys.exit(e.exit_code)
+
+
+def _call_hydra_main(hydra_main: Callable[[], Any]) -> Any:
     if os.environ.get("HYDRA_FULL_ERROR"):
         return hydra_main()
     os.environ["HYDRA_FULL_ERROR"] = "1"

@@ -21,3 +21,20 @@ class DataError(LorabenchError):
 
 class TrainingError(LorabenchError):
     """Training cannot continue (non-finite loss)."""
+
+
+class RunInterrupted(LorabenchError):
+    """SIGINT / SIGTERM ended the run (exit status 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM).
+
+    `step` / `total_steps` say how far training got (None before training started)."""
+
+    def __init__(self, signum: int, step: int | None = None, total_steps: int | None = None) -> None:
+        import signal
+
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        self.step = step
+        self.total_steps = total_steps
+        self.exit_code = 128 + signum
+        where = f"at step {step}/{total_steps}" if step is not None else "before training started"
+        super().__init__(f"{self.signal_name} {where}")

@@ -10,11 +10,13 @@ Resume (`trainer.resume=true` or `=<run dir>`) continues a run from its newest c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
 import random
+import signal
 import subprocess
 import time
 import traceback
@@ -29,11 +31,11 @@ from . import methods
 from .backbone import ModelSpec, find_targets, freeze_backbone, load_model, load_tokenizer
 from .budget import Budget
 from .data import BatchLoader, Collator, TaskSpec, load_task_data, resolve_glue_dir
-from .errors import ConfigError, LorabenchError, TrainingError
+from .errors import ConfigError, LorabenchError, RunInterrupted, TrainingError
 from .metrics import compute_metrics
 from .tracking import build_tracker
 from .training import checkpoint as ckpt
-from .training.trainer import Trainer, TrainerConfig, peak_memory_mb
+from .training.trainer import Trainer, TrainerConfig, TrainingStopped, peak_memory_mb
 
 log = logging.getLogger("lorabench")
 
@@ -121,10 +123,12 @@ def make_evaluator(spec: TaskSpec, eval_loaders: dict[str, BatchLoader], trainer
     return evaluate
 
 
-def run_job(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+def run_job(cfg: dict[str, Any], out_dir: str | Path, signals=None) -> dict[str, Any]:
     """Run one fine-tuning job described by `cfg` (the resolved Hydra config as a dict) into `out_dir`.
 
-    Returns the results dict. Raises on failure after writing results.json with status "failed".
+    Returns the results dict. Raises on failure after writing results.json with status "failed", and
+    RunInterrupted after writing it with status "interrupted" when `signals` (an installed
+    interrupt.StopSignals) caught SIGINT / SIGTERM.
     """
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
@@ -140,7 +144,14 @@ def run_job(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
         record_dir = run_dir
         if run_dir != out_dir:
             _check_writable(run_dir)
-        return _run(cfg, run_dir, results, t0, tracker_box, resume)
+        return _run(cfg, run_dir, results, t0, tracker_box, resume, signals)
+    except RunInterrupted as e:
+        results["status"] = "interrupted"
+        results.update({"signal": e.signal_name, "step": e.step, "total_steps": e.total_steps,
+                        "wall_seconds": time.perf_counter() - t0})
+        if record_dir is not None and record_dir.is_dir() and os.access(record_dir, os.W_OK):
+            write_json_atomic(record_dir / "results.json", results)
+        raise
     except BaseException as e:
         results["status"] = "failed"
         results["error"] = f"{type(e).__name__}: {e}"
@@ -241,7 +252,7 @@ def build_adapted_model(model_spec: ModelSpec, spec: TaskSpec, method_cls, metho
 
 
 def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float, tracker_box: list,
-         resume: ckpt.ResumePoint | None = None) -> dict[str, Any]:
+         resume: ckpt.ResumePoint | None = None, signals=None) -> dict[str, Any]:
     seed = int(cfg["seed"])
     method_cls = methods.get(cfg["method"]["name"])  # fail on an unknown method before loading anything
     spec = TaskSpec.from_dict(cfg["task"])
@@ -291,21 +302,32 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
         log.info("eval step %d epoch %d: %s", record["step"], record["epoch"], shown)
 
     train_params = list(method.named_trainable_parameters()) + head
-    checkpointer = None
-    if tcfg.checkpoint_every > 0 or resume is not None:
-        checkpointer = ckpt.Checkpointer(out_dir, tcfg.checkpoint_every, tcfg.keep_checkpoints,
-                                         ckpt.config_fingerprint(cfg), method, model, resume=resume)
+    # Always present (every=0: no periodic saves) so that an interrupt can still save the state it stops at.
+    checkpointer = ckpt.Checkpointer(out_dir, tcfg.checkpoint_every, tcfg.keep_checkpoints,
+                                     ckpt.config_fingerprint(cfg), method, model, resume=resume)
     trainer = Trainer(tcfg, model, train_params, train_loader, evaluate, spec.primary_metric,
                       hooks=method.hooks(), regularizer=method.regularizer, log=tracker.log_metrics,
-                      on_eval=on_eval, head_param_names=[n for n, _ in head], checkpointer=checkpointer)
+                      on_eval=on_eval, head_param_names=[n for n, _ in head], checkpointer=checkpointer,
+                      stop_requested=signals.stop_requested if signals is not None else None)
     trainer_ref.append(trainer)
     log.info("training %d steps (%d epochs x %d steps, batch %d x accum %d) on %s, precision %s",
              trainer.total_steps, trainer.epochs, trainer.steps_per_epoch, tcfg.batch_size, tcfg.grad_accum,
              trainer.device, tcfg.precision)
     try:
-        fit = trainer.fit()
+        with signals.deferring() if signals is not None else contextlib.nullcontext():
+            fit = trainer.fit()
+    except TrainingStopped as stop:
+        # SIGTERM (a scheduler ending the job) always saves the state it stopped at: an adapter-sized file, a
+        # second or less. Ctrl-C saves only when the run checkpoints anyway (trainer.checkpoint_every > 0).
+        save = tcfg.checkpoint_every > 0 or signals.requested == signal.SIGTERM
+        results.update(_partial_results(trainer, checkpointer.save(trainer) if save else None))
+        raise RunInterrupted(signals.requested, stop.step, stop.total_steps) from None
+    except RunInterrupted as e:  # a second signal: stopped inside a step, nothing of that step is saved
+        results.update(_partial_results(trainer, None))
+        e.step, e.total_steps = trainer.state.step, trainer.total_steps
+        raise
     except TrainingError as e:
-        if checkpointer is not None and checkpointer.last_saved is not None:
+        if checkpointer.last_saved is not None:
             raise TrainingError(f"{e} The last good checkpoint is {checkpointer.last_saved}.") from None
         raise
 
@@ -351,6 +373,15 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     log.info("done: best %s = %.4f (epoch %s), last %.4f; results in %s", key, fit.best[key], fit.best["epoch"],
              fit.last[key], out_dir)
     return results
+
+
+def _partial_results(trainer: Trainer, saved: Path | None) -> dict[str, Any]:
+    """What an interrupted run reached: the evaluations so far and the checkpoint it can resume from."""
+    latest = trainer.checkpointer.last_saved if trainer.checkpointer is not None else None
+    return {"history": trainer.result.history, "best": trainer.result.best, "last": trainer.result.last,
+            "checkpoint": str(saved or latest) if (saved or latest) else None,
+            "timings": {"train_seconds": trainer.result.train_seconds, "eval_seconds": trainer.result.eval_seconds,
+                        "steps": trainer.state.step}}
 
 
 def _save_adapter(adapter_dir: Path, method, model, head, cfg: dict[str, Any]) -> dict[str, str]:

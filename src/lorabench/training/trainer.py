@@ -94,6 +94,16 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+class TrainingStopped(Exception):
+    """Raised by `Trainer.fit` between two optimizer steps when `stop_requested()` said so (a signal): the
+    trainer's state is that of a finished step, so it can be checkpointed and resumed exactly."""
+
+    def __init__(self, step: int, total_steps: int) -> None:
+        super().__init__(f"stopped at step {step}/{total_steps}")
+        self.step = step
+        self.total_steps = total_steps
+
+
 @dataclass
 class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per evaluation
@@ -127,6 +137,7 @@ class Trainer:
         on_eval: Callable[[dict[str, Any]], None] | None = None,
         head_param_names: Iterable[str] = (),
         checkpointer=None,
+        stop_requested: Callable[[], bool] | None = None,
     ) -> None:
         self.cfg = config
         self.device = resolve_device(config.device)
@@ -182,6 +193,8 @@ class Trainer:
         # Saves at after_step() and, when resuming, restores everything in fit() right after on_train_begin
         # (so a hook's begin-of-training setup cannot overwrite the restored state). See checkpoint.py.
         self.checkpointer = checkpointer
+        # Polled after every optimizer step; True ends fit() with TrainingStopped (run.py: SIGINT / SIGTERM).
+        self.stop_requested = stop_requested or (lambda: False)
 
     # --- helpers hooks may use -------------------------------------------------------------------------------
     def reset_optimizer_state(self, params: Iterable[nn.Parameter]) -> None:
@@ -257,15 +270,18 @@ class Trainer:
                     self.after_step()
                     if st.step >= self.total_steps:
                         break
+                    if self.stop_requested():
+                        raise TrainingStopped(st.step, self.total_steps)
                     t_data = time.perf_counter()
                 if st.step >= self.total_steps:
                     break
         finally:
             if bar is not None:
                 bar.close()
-        self.result.steps = st.step
-        self.result.eval_seconds = t_eval
-        self.result.train_seconds = time.perf_counter() - t_start - t_eval
+            # also when stopped or failed: the partial result's timings are those of the steps done
+            self.result.steps = st.step
+            self.result.eval_seconds = t_eval
+            self.result.train_seconds = time.perf_counter() - t_start - t_eval
         return self.result
 
     def after_step(self) -> None:

@@ -1,0 +1,66 @@
+"""SIGINT (Ctrl-C) and SIGTERM (`kill`, a scheduler's time limit) end a run cleanly.
+
+While training runs, the first signal only asks to stop: the trainer finishes the optimizer step in progress,
+run.py saves a checkpoint where that is wanted and writes results.json with status "interrupted", and the entry
+exits 130 / 143 with one line saying how to resume. Outside training (loading data or the model, writing the
+adapter), or on a second signal, the run stops at once (RunInterrupted raised from the handler), and the same
+results.json is written from what exists.
+
+Stdlib only; handlers are installed only in the main thread (signal.signal refuses elsewhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from typing import Iterator
+
+from .errors import RunInterrupted
+
+log = logging.getLogger("lorabench")
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """Catches SIGINT/SIGTERM for one job. `deferring()` marks the span (training) where a first signal waits
+    for the current step to end; `requested` is the signal received, if any."""
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._defer = False
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested is not None or not self._defer:
+            self.requested = self.requested or signum
+            raise RunInterrupted(signum)
+        self.requested = signum
+        log.warning("%s received: stopping after the current step (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def stop_requested(self) -> bool:
+        return self.requested is not None
+
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[None]:
+        self._defer = True
+        try:
+            yield
+        finally:
+            self._defer = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["StopSignals"]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in SIGNALS}
+        for s in SIGNALS:
+            signal.signal(s, self._handle)
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
