@@ -7,8 +7,9 @@ Two arms per task and seed, on the same tokenized training subset and dev set:
 - `peft`: plain transformers + HF PEFT: `AutoModelForSequenceClassification.from_pretrained`, `LoraConfig` on the
   same six maps with the same r / alpha / dropout, the head through PEFT's own `modules_to_save` (the classifier,
   and the pooler wherever lorabench trains it: the same head treatment), and a training loop written here with
-  torch's AdamW and transformers' linear warmup schedule. It shares only the data (tokenized subset and the seeded
-  batch order) and the metric functions with the other arm.
+  torch's AdamW and transformers' linear warmup schedule. It shares with the other arm the data (tokenized subset
+  and the seeded batch order), the metric functions, and the initial weights: PEFT's A and head are set to the
+  values the lorabench run starts from (B = 0 in both), so the arms differ in implementation only.
 
 Also reported: the majority-class (classification) or mean-prediction (regression) baseline on each dev set, i.e.
 what a model that learnt nothing scores. Scores are each run's last-epoch dev metric ×100, mean over seeds.
@@ -16,7 +17,8 @@ what a model that learnt nothing scores. Scores are each run's last-epoch dev me
   GLUE_DIR=../shared/data/glue python bench/lora_vs_peft.py                       # six tasks, 2000 train, 3 epochs
   python bench/lora_vs_peft.py --tasks stsb --seeds 1,2 --arms lorabench,peft,lorabench_frozen_pooler
 
-Writes bench/results/lora_vs_peft_glue.md (+ .json; `--out` to change) with the command.
+Writes bench/results/lora_vs_peft_glue.md (+ .json; `--out` to change) with the command, after every task; a
+task already in that .json with the same settings, arms and seeds is kept, not rerun (an interrupted run goes on).
 """
 
 from __future__ import annotations
@@ -80,10 +82,10 @@ def peft_arm(task: str, seed: int, args, data, tokenizer, spec, model_spec) -> d
         problem_type="regression" if spec.is_regression else "single_label_classification")
     targets = sorted({f"{model_spec.layer_path}.{i}.{path}" for i in range(model.config.num_hidden_layers)
                       for path in model_spec.targets.values()})
-    seed_everything(seed)
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets,
         modules_to_save=head_modules))
+    copy_initial_weights(model, task, seed, args, spec, model_spec, len(tokenizer))
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.ndim >= 2]
     no_decay = [p for n, p in params if p.ndim < 2]
@@ -106,6 +108,27 @@ def peft_arm(task: str, seed: int, args, data, tokenizer, spec, model_spec) -> d
         history.append({"epoch": epoch + 1, **evaluate(model, data, tokenizer, spec)})
     return {"history": history, "last": history[-1], "trainable": sum(p.numel() for _, p in params),
             "seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def copy_initial_weights(peft_model, task: str, seed: int, args, spec, model_spec, vocab_size: int) -> None:
+    """Start PEFT from the lorabench run's initial adapter A (B = 0 in both) and head, built exactly as run_job
+    builds them for this seed: the arms then differ only in their implementation, not in the luck of the init,
+    so a gap between them is a defect (a frozen head part, a wrong scale, a training-loop difference)."""
+    from lorabench import methods
+    from lorabench.budget import Budget
+    from lorabench.run import build_adapted_model
+
+    cfg = compose(task, seed, args)
+    ours, head, method = build_adapted_model(model_spec, spec, methods.get("lora"), cfg["method"],
+                                             Budget.from_dict(cfg["budget"]), seed, vocab_size)
+    peft_params = dict(peft_model.named_parameters())
+    for name, layer in method.layers.items():
+        peft_params[f"base_model.model.{name}.lora_A.default.weight"].copy_(layer.lora_A)
+        peft_params[f"base_model.model.{name}.lora_B.default.weight"].copy_(layer.lora_B)
+    for name, p in head:  # PEFT trains a copy of each head module: modules_to_save.default
+        module, _, leaf = name.rpartition(".")
+        peft_params[f"base_model.model.{module}.modules_to_save.default.{leaf}"].copy_(p)
 
 
 @torch.no_grad()
@@ -167,8 +190,15 @@ def main(argv=None) -> int:
     arms = args.arms.split(",")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"argv": sys.argv[1:], "tasks": {}}
+    settings = {k: getattr(args, k) for k in ("max_train", "epochs", "rank", "alpha", "dropout", "lr", "batch")}
+    record = {"argv": sys.argv[1:], "settings": settings, "tasks": {}}
+    previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     for task in args.tasks.split(","):
+        done = (previous.get("tasks") or {}).get(task)
+        if done and previous.get("settings") == settings and all(
+                sorted(r["seed"] for r in done["runs"].get(arm, [])) == seeds for arm in arms):
+            record["tasks"][task] = done  # finished by an earlier invocation with the same settings
+            continue
         spec = load_task_spec(task)
         data = load_task_data(spec, tokenizer, 128, resolve_glue_dir(args.glue_dir), None, args.max_train)
         entry = {"metric": f"eval/{spec.primary_metric}", "n_train": len(data.train),

@@ -24,8 +24,10 @@ def main(cfg: DictConfig) -> None:
         return config
 
     # Resolved inside the job's error handling: in a sweep, a config that fails to resolve fails only its job.
+    grid = hc.sweeper.get("params") if "sweeper" in hc else None
     run_configured_job(resolved_config, hc.runtime.output_dir, in_sweep=in_sweep,
-                       composed=OmegaConf.to_container(cfg, resolve=False))
+                       composed=OmegaConf.to_container(cfg, resolve=False),
+                       sweep_grid=OmegaConf.to_container(grid) if grid else None)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,7 @@ class Case:
     setup: Callable[[Path], dict[str, str]] = fixture_glue
     cli: bool = False             # a real `python -m train` subprocess
     check: Callable[[Path], None] | None = None  # extra checks on the run directory
+    leaves_no_dir: bool = True    # refused before training: the run directory is removed (no litter)
 
 
 def nan_checks(out: Path) -> None:
@@ -129,6 +130,24 @@ CASES = [
     Case("unknown-task", ["task=nope"], ["unknown task 'nope'", "rte", "sst2"], cli=True),
     Case("unknown-model", ["model=nope"], ["unknown model 'nope'", "minilm", "tiny"], cli=True),
     Case("unknown-budget", ["budget=r3"], ["unknown budget 'r3'", "r2", "r4", "r8"], cli=True),
+    # near-miss names get a "did you mean"
+    Case("near-miss-method", ["method=dora-dynamic"], ["unknown method 'dora-dynamic'", "did you mean dora_dynamic"],
+         cli=True),
+    Case("near-miss-task", ["task=SST2"], ["unknown task 'SST2'", "did you mean sst2"], cli=True),
+    Case("budget-by-rank-name", ["budget=r16"], ["unknown budget 'r16'", "budget.rank=16"], cli=True),
+    Case("unknown-trainer-key", ["+trainer.lrr=1e-3"], ["unknown trainer option 'lrr'", "did you mean lr"]),
+    Case("unknown-method-key", ["+method.alpah=8"], ["method lora has no option 'alpah'", "did you mean alpha"]),
+    # values of the wrong type or outside their range, named with what is allowed
+    Case("lr-not-a-number", ["trainer.lr=abc"], ["trainer.lr='abc' is not valid", "expected a number"], cli=True),
+    Case("max-steps-zero", ["trainer.max_steps=0"], ["trainer.max_steps must be >= 1", "got 0"], cli=True),
+    Case("warmup-ratio-above-1", ["trainer.warmup_ratio=1.5"], ["trainer.warmup_ratio must be in [0, 1)", "1.5"]),
+    Case("batch-size-float", ["trainer.batch_size=2.5"], ["trainer.batch_size=2.5", "expected an integer"]),
+    Case("max-train-samples-negative", ["trainer.max_train_samples=-5"], ["trainer.max_train_samples must be >= 1"]),
+    Case("max-seq-length-tiny", ["trainer.max_seq_length=2"], ["trainer.max_seq_length must be >= 8", "got 2"]),
+    Case("rank-float", ["budget.rank=2.5"], ["budget.rank=2.5 is not valid", "expected an integer"]),
+    Case("method-option-type", ["method.alpha=abc"], ["method.alpha='abc' is not valid", "expected a number"]),
+    Case("method-flag-type", ["method.use_rslora=maybe"], ["method.use_rslora='maybe'", "true or false"]),
+    Case("grid-preset-without-m", ["experiment=cpu_smoke"], ["defines a sweep grid", "run it with -m"], cli=True),
     # budgets the method cannot meet
     Case("target-rank-above-initial", ["method=dora_dynamic", "budget.init_ratio=0.5"],
          ["budget.init_ratio must be >= 1", "0.5"]),
@@ -156,13 +175,14 @@ CASES = [
     # training: an honest NaN (a learning rate that overflows the weights); the step is named
     Case("nan-loss", ["trainer.lr=1e30", "trainer.warmup_steps=0", "trainer.checkpoint_every=1",
                       "trainer.max_train_samples=8", "trainer.batch_size=2"],
-         ["non-finite", "optimizer step 2", "last good checkpoint", "step-0000001"], cli=True, check=nan_checks),
+         ["non-finite", "optimizer step 2", "last good checkpoint", "step-0000001"], cli=True, check=nan_checks,
+         leaves_no_dir=False),
     # output
     # Hydra creates the run directory before the job (cli.py words its failure); run_job checks it again
     Case("output-dir-not-writable", [], ["cannot create the run directory", "blocker/run", "hydra.run.dir"],
-         setup=file_in_the_way, cli=True),
+         setup=file_in_the_way, cli=True, leaves_no_dir=False),
     Case("output-dir-not-writable-job", [], ["output directory", "blocker/run is not writable", "hydra.run.dir"],
-         setup=file_in_the_way),
+         setup=file_in_the_way, leaves_no_dir=False),
     # resume
     Case("resume-nothing", ["trainer.resume=true"], ["nothing to resume", "no complete checkpoint",
                                                      "trainer.checkpoint_every"]),
@@ -170,7 +190,7 @@ CASES = [
                                                                        "is not a directory"]),
     Case("resume-other-config", ["trainer.resume=true", "seed=3"],
          ["cannot resume", "different configuration", "trainer.lr: checkpoint 0.001, now 0.0005"],
-         setup=run_with_other_config_checkpoint),
+         setup=run_with_other_config_checkpoint, leaves_no_dir=False),
 ]
 
 
@@ -243,3 +263,7 @@ def test_bad_input(case: Case, tmp_path, capsys, request):
         assert json.loads(results.read_text())["status"] == "failed"
     if case.check is not None:
         case.check(out)
+    if case.leaves_no_dir:
+        assert not out.exists(), f"a run refused before training left {sorted(p.name for p in out.iterdir())}"
+    else:
+        assert out.exists() or case.id.startswith("output-dir")  # a directory that was there stays

@@ -50,6 +50,9 @@ class Budget:
     match: str = "rank"
 
     def __post_init__(self) -> None:
+        from .validate import check_field_types
+
+        check_field_types(self, "budget")
         if self.match not in BUDGET_MATCHES:
             raise ConfigError(f"budget.match must be one of {', '.join(BUDGET_MATCHES)}, got {self.match!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -69,9 +72,10 @@ class Budget:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Budget":
-        return cls(name=str(d.get("name", f"r{d['rank']}")), rank=d["rank"],
-                   target_modules=tuple(d.get("target_modules", ALL_ROLES)),
-                   init_ratio=float(d.get("init_ratio", 1.5)), match=str(d.get("match", "rank")))
+        targets = d.get("target_modules", ALL_ROLES)
+        return cls(name=str(d.get("name") or f"r{d['rank']}"), rank=d["rank"],
+                   target_modules=tuple(targets) if isinstance(targets, (list, tuple)) else targets,
+                   init_ratio=d.get("init_ratio", 1.5), match=d.get("match", "rank"))
 
 
 @dataclass

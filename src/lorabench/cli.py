@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import LorabenchError, RunInterrupted
+from .errors import ConfigError, LorabenchError, RunInterrupted
 
 log = logging.getLogger("lorabench")
 
@@ -28,12 +29,15 @@ _JOB_STARTED = False
 
 
 def run_configured_job(config: dict[str, Any] | Callable[[], dict[str, Any]], out_dir: str | Path,
-                       in_sweep: bool = False, composed: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                       in_sweep: bool = False, composed: dict[str, Any] | None = None,
+                       sweep_grid: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Run one job under the error policy above.
 
     `config` is the resolved config, or a function that resolves it: resolving can fail for one job of a sweep
     only (an interpolation into a per-task table that lacks the job's task), and must then fail that job like
     any other error, recorded in its results.json together with `composed` (the config before resolution).
+    `sweep_grid` is the composed `hydra.sweeper.params`: a single run with one (a preset's grid) is refused,
+    since it would run one job and silently ignore the grid.
     """
     global _JOB_STARTED
     _JOB_STARTED = True
@@ -45,6 +49,10 @@ def run_configured_job(config: dict[str, Any] | Callable[[], dict[str, Any]], ou
     signals = StopSignals()
     try:
         with signals.installed():
+            if sweep_grid and not in_sweep:
+                keys = ", ".join(f"{k}={v}" for k, v in sweep_grid.items())
+                raise ConfigError(f"this configuration defines a sweep grid ({keys}, from an experiment preset); "
+                                  f"run it with -m: python -m train -m {' '.join(sys.argv[1:])}".rstrip())
             if callable(config):
                 config = _resolve_or_record(config, Path(out_dir), composed)
             return run_job(config, out_dir, signals=signals)
@@ -61,11 +69,39 @@ def run_configured_job(config: dict[str, Any] | Callable[[], dict[str, Any]], ou
                       type(e).__name__, e, out_dir)
             return None
         if isinstance(e, LorabenchError):
+            remove_setup_failure(Path(out_dir))
             print(f"error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
         raise
     finally:
         _release_memory()
+
+
+# What a run directory holds when its job failed before training: Hydra's files and the failed record.
+_SETUP_ONLY = {".hydra", "results.json", "train.log"}
+
+
+def remove_setup_failure(run_dir: Path) -> None:
+    """A single run refused in setup (bad value, missing data or model) leaves no directory behind: nothing in
+    it is worth keeping, and `python -m report runs` would list it. Only a directory that holds nothing else
+    and whose results.json says so is removed (never a resumed run's, never one with checkpoints or logs)."""
+    import json
+    import shutil
+
+    try:
+        names = {p.name for p in run_dir.iterdir()}
+        results = run_dir / "results.json"
+        # no results.json: refused before run_job started (only Hydra's files are there)
+        record = json.loads(results.read_text()) if results.exists() else {"stage": "setup", "status": "failed"}
+    except (OSError, ValueError):
+        return
+    if record.get("stage") == "setup" and record.get("status") == "failed" and names <= _SETUP_ONLY:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in (run_dir.parent, run_dir.parent.parent):  # runs/<task>/<method>/ made for this run alone
+            try:
+                parent.rmdir()  # only if empty
+            except OSError:
+                break
 
 
 def interrupted_message(e: RunInterrupted, out_dir: Path, in_sweep: bool) -> str:
@@ -137,8 +173,13 @@ def hydra_error_message(e: BaseException) -> str | None:
         return " ".join(lines[:n])
 
     if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
+        from .validate import did_you_mean
+
         group, _, choice = str(e.missing_cfg_file).rpartition("/")
-        return (f"unknown {group or 'config'} {choice!r}; choose one of: {', '.join(e.options)} "
+        hint = did_you_mean(choice, e.options)
+        if group == "budget" and re.fullmatch(r"r\d+", choice):
+            hint = f" (any rank: budget.rank={choice[1:]})"
+        return (f"unknown {group or 'config'} {choice!r}{hint}; choose one of: {', '.join(e.options)} "
                 f"(the files in conf/{group}/)")
     if isinstance(e, OverrideParseException):
         return f"cannot parse the override {e.override!r}: {first_lines(e.message, 1)} (see `python -m train --help`)"

@@ -7,6 +7,7 @@ exactly as the GLUE README says: tab-separated, no quote handling (quotes are li
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TASK_CONF_DIR = REPO_ROOT / "conf" / "task"
@@ -337,6 +338,32 @@ class BatchLoader:
             if not chunk:
                 break
             yield self.collate(self.split, chunk)
+
+
+@dataclass(frozen=True)
+class DataLimits:
+    """The trainer-group keys that shape the data rather than the loop."""
+
+    max_train_samples: int | None = None  # a fixed random subset (the same for every method and seed)
+    max_eval_samples: int | None = None
+    max_seq_length: int = 128
+    group_by_length: bool = False
+
+    def __post_init__(self) -> None:
+        from .validate import check_field_types
+
+        check_field_types(self, "trainer")
+        for key in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"trainer.{key} must be >= 1, or null for the whole split; got {value}")
+        if self.max_seq_length < 8:
+            raise ConfigError(f"trainer.max_seq_length must be >= 8 (room for the special tokens and some text), "
+                              f"got {self.max_seq_length}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataLimits":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
 @dataclass

@@ -30,17 +30,18 @@ import torch
 from . import methods
 from .backbone import ModelSpec, find_targets, freeze_backbone, load_model, load_tokenizer
 from .budget import Budget
-from .data import BatchLoader, Collator, TaskSpec, load_task_data, resolve_glue_dir
+from .data import BatchLoader, Collator, DataLimits, TaskSpec, load_task_data, resolve_glue_dir
 from .errors import ConfigError, LorabenchError, RunInterrupted, TrainingError
 from .metrics import compute_metrics
 from .tracking import build_tracker
+from .validate import check_method_options, did_you_mean
 from .training import checkpoint as ckpt
 from .training.trainer import Trainer, TrainerConfig, TrainingStopped, peak_memory_mb
 
 log = logging.getLogger("lorabench")
 
 # trainer-group keys that shape the data rather than the loop
-DATA_KEYS = ("max_train_samples", "max_eval_samples", "max_seq_length", "group_by_length")
+DATA_KEYS = tuple(f.name for f in fields(DataLimits))
 # trainer-group keys about the run directory rather than the loop
 RUN_KEYS = ("resume",)
 
@@ -82,8 +83,10 @@ def trainer_config(d: dict[str, Any]) -> TrainerConfig:
     known = {f.name for f in fields(TrainerConfig)}
     extra = {k: v for k, v in d.items() if k not in known and k not in DATA_KEYS + RUN_KEYS and k != "name"}
     if extra:
-        raise ConfigError(f"unknown trainer option(s) {sorted(extra)}; known: "
-                          f"{sorted(known | set(DATA_KEYS) | set(RUN_KEYS))}")
+        allowed = known | set(DATA_KEYS) | set(RUN_KEYS)
+        first = sorted(extra)[0]
+        raise ConfigError(f"unknown trainer option {first!r}{did_you_mean(first, allowed)}; known: "
+                          f"{', '.join(sorted(allowed))}")
     return TrainerConfig(**{k: v for k, v in d.items() if k in known})
 
 
@@ -132,7 +135,9 @@ def run_job(cfg: dict[str, Any], out_dir: str | Path, signals=None) -> dict[str,
     """
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
-    results: dict[str, Any] = {"status": "running", "config": cfg}
+    # stage: "setup" until the first training step is about to run, then "training" (the reporter lists jobs
+    # that failed in setup apart from the table; the entry removes a single run's directory in that case)
+    results: dict[str, Any] = {"status": "running", "stage": "setup", "config": cfg}
     tracker_box: list = []  # filled by _run once the tracker exists, so `finally` can finish it
     record_dir: Path | None = out_dir  # where a failure is recorded; None: a directory we must not touch
     try:
@@ -260,14 +265,16 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     budget = Budget.from_dict(cfg["budget"])
     tcfg_dict = dict(cfg["trainer"])
     tcfg = trainer_config(tcfg_dict)
+    limits = DataLimits.from_dict(tcfg_dict)
+    check_method_options(cfg["method"])
     data_cfg = cfg.get("data") or {}
     glue_dir = resolve_glue_dir(data_cfg.get("glue_dir"))
     cache_dir = Path(data_cfg["cache_dir"]).expanduser() if data_cfg.get("cache_dir") else None
 
     seed_everything(seed)
     tokenizer = load_tokenizer(model_spec)
-    data = load_task_data(spec, tokenizer, int(tcfg_dict.get("max_seq_length", 128)), glue_dir, cache_dir,
-                          tcfg_dict.get("max_train_samples"), tcfg_dict.get("max_eval_samples"))
+    data = load_task_data(spec, tokenizer, limits.max_seq_length, glue_dir, cache_dir, limits.max_train_samples,
+                          limits.max_eval_samples)
     log.info("data: train %d examples (%s); eval %s", len(data.train), data.sources["train"],
              ", ".join(f"{k} {len(v)}" for k, v in data.evals.items()))
 
@@ -280,7 +287,7 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
 
     collate = Collator(tokenizer.pad_token_id or 0)
     train_loader = BatchLoader(data.train, tcfg.batch_size, collate, shuffle=True, seed=seed,
-                               group_by_length=bool(tcfg_dict.get("group_by_length", False)))
+                               group_by_length=limits.group_by_length)
     eval_loaders = {k: BatchLoader(v, tcfg.eval_batch_size, collate, shuffle=False) for k, v in data.evals.items()}
     trainer_ref: list = []
     evaluate = make_evaluator(spec, eval_loaders, trainer_ref, method)
@@ -313,6 +320,7 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     log.info("training %d steps (%d epochs x %d steps, batch %d x accum %d) on %s, precision %s",
              trainer.total_steps, trainer.epochs, trainer.steps_per_epoch, tcfg.batch_size, tcfg.grad_accum,
              trainer.device, tcfg.precision)
+    results["stage"] = "training"
     try:
         with signals.deferring() if signals is not None else contextlib.nullcontext():
             fit = trainer.fit()

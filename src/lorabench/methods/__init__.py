@@ -32,7 +32,10 @@ def names() -> list[str]:
 
 def get(name: str) -> type[AdapterMethod]:
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(names())} (e.g. method=lora)")
+        from ..validate import did_you_mean
+
+        raise ConfigError(f"unknown method {name!r}{did_you_mean(str(name), names())}; known methods: "
+                          f"{', '.join(names())} (e.g. method=lora)")
     return _REGISTRY[name]
 
 

@@ -48,13 +48,31 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # complete checkpoints kept; older ones are deleted after each save
 
     def __post_init__(self) -> None:
+        from ..validate import check_field_types
+
+        check_field_types(self, "trainer")  # types first: the range checks below compare numbers
         if self.precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for key in ("batch_size", "grad_accum", "epochs"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
-        if not self.lr > 0:  # also refuses NaN
-            raise ConfigError(f"trainer.lr must be > 0, got {self.lr}")
+        for key in ("lr", "head_lr", "max_grad_norm"):  # `not > 0` also refuses NaN
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ConfigError(f"trainer.{key} must be > 0{'' if key == 'lr' else ' or null'}, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"trainer.max_steps must be >= 1, or null to train trainer.epochs epochs; got "
+                              f"{self.max_steps}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"trainer.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for key in ("warmup_steps", "eval_every"):
+            if (getattr(self, key) or 0) < 0:
+                raise ConfigError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"trainer.weight_decay must be >= 0, got {self.weight_decay}")
+        for key in ("eval_batch_size", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
         if int(self.checkpoint_every) < 0:
             raise ConfigError(f"trainer.checkpoint_every must be >= 0 (0 = no checkpoints), got {self.checkpoint_every}")
         if int(self.keep_checkpoints) < 1:

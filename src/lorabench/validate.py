@@ -1,0 +1,114 @@
+"""Checks of user-settable values, before any work starts: one ConfigError naming the key, the value and what
+is allowed (the entry prints it as one `error:` line, exit 2).
+
+- `check_field_types(obj, group)`: every field of a config dataclass against its annotation (`trainer.lr=abc`
+  is a string where a number belongs), so the dataclasses' own range checks compare numbers with numbers;
+- `check_method_options(cfg)`: the method group against its YAML (conf/method/<name>.yaml documents every key
+  with its default, so the YAML is the schema): unknown keys with a "did you mean", and types;
+- `did_you_mean(word, choices)`: the near-miss hint used for names (methods, tasks, keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+# Method keys the code reads that a method YAML does not list (switches for comparison runs, added with `+`).
+METHOD_SWITCHES = {"fold_low_rank": True, "stack_shared_inputs": True}
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean X?)' for the closest choice, ignoring case, '-' vs '_' and a missing '_'; '' if none."""
+    def norm(s: str) -> str:
+        return s.lower().replace("-", "_")
+
+    by_norm = {norm(c): c for c in choices}
+    if norm(word) in by_norm:
+        return f" (did you mean {by_norm[norm(word)]}?)"
+    squashed = {k.replace("_", ""): v for k, v in by_norm.items()}
+    if norm(word).replace("_", "") in squashed:
+        return f" (did you mean {squashed[norm(word).replace('_', '')]}?)"
+    close = difflib.get_close_matches(norm(word), list(by_norm), n=1, cutoff=0.75)
+    return f" (did you mean {by_norm[close[0]]}?)" if close else ""
+
+
+def _type_name(t: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(t, getattr(t, "__name__", str(t)))
+
+
+def _accepts(t: Any, value: Any) -> bool:
+    if t is Any:
+        return True
+    if t is type(None):
+        return value is None
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(a, value) for a in typing.get_args(t))
+    if origin in (tuple, list):
+        return isinstance(value, (tuple, list))
+    if origin is dict:
+        return isinstance(value, dict)
+    if t is bool:
+        return isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, t) if isinstance(t, type) else True
+
+
+def _describe(t: Any) -> str:
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        parts = [a for a in typing.get_args(t) if a is not type(None)]
+        text = " or ".join(_type_name(a) for a in parts)
+        return text + (" or null" if len(parts) < len(typing.get_args(t)) else "")
+    return _type_name(t)
+
+
+def check_value(key: str, value: Any, expected: Any) -> None:
+    if not _accepts(expected, value):
+        raise ConfigError(f"{key}={value!r} is not valid: expected {_describe(expected)}")
+
+
+def check_field_types(obj: Any, group: str) -> None:
+    """Raise ConfigError for the first field of dataclass `obj` whose value does not match its annotation."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        check_value(f"{group}.{f.name}", getattr(obj, f.name), hints.get(f.name, Any))
+
+
+def method_schema(name: str) -> dict[str, Any]:
+    """The defaults of conf/method/<name>.yaml (every key a method reads) plus the shared switches."""
+    import yaml
+
+    path = CONF_DIR / "method" / f"{name}.yaml"
+    if not path.exists():
+        return {}
+    return {**METHOD_SWITCHES, **(yaml.safe_load(path.read_text()) or {})}
+
+
+def check_method_options(cfg: dict[str, Any]) -> None:
+    """Unknown keys and wrong types in the `method` group, judged against the method's YAML defaults."""
+    name = cfg.get("name")
+    schema = method_schema(str(name))
+    if not schema:
+        return  # no YAML to judge by (a method registered outside conf/): the method checks its own config
+    for key, value in cfg.items():
+        if key not in schema:
+            raise ConfigError(f"method {name} has no option {key!r}{did_you_mean(key, schema)}; its options: "
+                              f"{', '.join(k for k in schema if k != 'name')}")
+        default = schema[key]
+        if default is None:
+            continue  # an optional value (null by default): the method checks its own type
+        # a number where the YAML has a number (YAML writes alpha 16 for 16.0; ranges are the method's to check)
+        expected = float if isinstance(default, (int, float)) and not isinstance(default, bool) else type(default)
+        check_value(f"method.{key}", value, expected)
