@@ -29,18 +29,20 @@ def _start(args: list[str], run_dir: Path, glue: Path) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _signal_when_training(p: subprocess.Popen, run_dir: Path, sig: int, count: int = 1) -> tuple[int, str]:
-    """Send `sig` once train_log.jsonl shows a few steps; returns (exit status, stderr)."""
+def _signal_when_training(p: subprocess.Popen, run_dir: Path, sig: int, count: int = 1,
+                          after_steps: int = 3) -> tuple[int, str]:
+    """Send `sig` once train_log.jsonl shows a few steps; returns (exit status, stderr); stdout (Hydra's log)
+    is kept in p.log."""
     log = run_dir / "train_log.jsonl"
     t0 = time.monotonic()
-    while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+    while not (log.exists() and len(log.read_text().splitlines()) >= after_steps):
         if p.poll() is not None:
             raise AssertionError(f"run ended before it was signalled:\n{p.stderr.read()[-3000:]}")
         assert time.monotonic() - t0 < 120, "training never started"
         time.sleep(0.01)
     for _ in range(count):
         os.kill(p.pid, sig)
-    _, err = p.communicate(timeout=120)
+    p.log, err = p.communicate(timeout=120)
     return p.returncode, err
 
 
@@ -50,8 +52,12 @@ def _results(run_dir: Path) -> dict:
 
 def test_ctrl_c_ends_with_one_line_and_partial_results(tmp_path, real_glue_dir):
     run_dir = tmp_path / "run"
-    rc, err = _signal_when_training(_start([], run_dir, real_glue_dir), run_dir, signal.SIGINT)
+    p = _start([], run_dir, real_glue_dir)
+    rc, err = _signal_when_training(p, run_dir, signal.SIGINT, after_steps=8)
     assert rc == 130, err[-3000:]
+    # the run said where it writes and what it will do
+    assert f"run directory: {run_dir}" in p.log and "training 480 steps" in p.log
+    assert "s/step over the first 5 steps: about" in p.log and "next evaluation at step 12" in p.log
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted (SIGINT) at step ") and str(run_dir) in last, last

@@ -89,7 +89,11 @@ def failing_sweep(tmp_path_factory, glue_env):
 # --- 1. the acceptance sweep ----------------------------------------------------------------------------------
 
 def test_sweep_job_dirs_and_report(ok_sweep):
-    sweep, _ = ok_sweep
+    sweep, p = ok_sweep
+    # the sweep says where it is, and ends with its table in the terminal
+    log = p.stdout + p.stderr
+    assert all(f"job {k}/8: " in log for k in range(1, 9)), log[-3000:]
+    assert "| lora |" in p.stdout and f"(full report: {sweep / 'report.md'})" in p.stdout
     assert TIME_DIR.fullmatch(sweep.name), sweep.name  # runs/multirun/<time>/
     jobs = sorted((d.name for d in sweep.iterdir() if d.is_dir() and d.name != "plots"),
                   key=lambda n: int(n.split("_")[0]))
@@ -226,7 +230,7 @@ def test_job_whose_config_does_not_resolve_is_recorded_in_sweep_and_single_run(t
     p = run_train(["task=wnli", *SMALL, *lookup, f"hydra.run.dir={single}"], cwd=tmp_path, env=glue_env)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("error: invalid configuration: Interpolation key 'lr_of.wnli'")
-    assert results(single)["status"] == "failed"
+    assert not single.exists()  # refused before training: a single run leaves no directory behind
 
 
 # --- 3. `python -m report` on damaged job directories ---------------------------------------------------------

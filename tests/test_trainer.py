@@ -134,3 +134,23 @@ def test_non_finite_loss_stops_with_step():
                       regularizer=lambda: torch.tensor(float("nan")))
     with pytest.raises(TrainingError, match="non-finite loss .* at optimizer step 1"):
         tr.fit()
+
+
+@pytest.mark.parametrize("steps_per_epoch,total,expected", [
+    (78, 234, 0),        # RTE: every epoch
+    (125, 375, 0),       # SST-2 4k subset: every epoch (epochs under 200 steps)
+    (2105, 6315, 632),   # full SST-2: an epoch is a third of the run; every tenth instead
+    (300, 3000, 0),      # an epoch is a tenth of the run already
+])
+def test_eval_every_auto(steps_per_epoch, total, expected):
+    from lorabench.training.trainer import resolve_eval_every
+
+    assert resolve_eval_every("auto", steps_per_epoch, total) == expected
+    assert resolve_eval_every(50, steps_per_epoch, total) == 50
+
+
+def test_eval_every_rejects_other_words():
+    from lorabench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.eval_every must be a number of steps, 0 .* or auto"):
+        TrainerConfig(eval_every="often")

@@ -133,7 +133,7 @@ def _resolve_or_record(resolve: Callable[[], dict[str, Any]], out_dir: Path,
 
         from .run import write_json_atomic
 
-        record = {"status": "failed", "config": composed, "error": f"{type(e).__name__}: {e}",
+        record = {"status": "failed", "stage": "setup", "config": composed, "error": f"{type(e).__name__}: {e}",
                   "error_type": type(e).__name__, "traceback": traceback.format_exc()}
         try:
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,39 @@ def threads_for_launcher(launcher: dict[str, Any], cpus: int) -> int | None:
     return None
 
 
+def count_sweep_jobs(command_line: list[str], grid: dict[str, Any]) -> int | None:
+    """How many jobs the basic sweeper makes of these overrides: the product of each swept key's values, the
+    command line winning over the preset's `hydra.sweeper.params` for the same key. None when not countable."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parser = OverridesParser.create()
+        counts: dict[str, int] = {}
+        for source in ([f"{k}={v}" for k, v in grid.items()], command_line):
+            for o in parser.parse_overrides(source):
+                counts[o.get_key_element()] = len(list(o.sweep_iterator())) if o.is_sweep_override() else 1
+    except Exception:  # a sweep syntax we do not count (ranges of floats, choice(...) forms): no total shown
+        return None
+    total = 1
+    for n in counts.values():
+        total *= n
+    return total
+
+
+def print_main_table(report_md: Path) -> None:
+    """The report's first table (best epoch) in the terminal, so a sweep ends with its result."""
+    try:
+        lines = report_md.read_text().splitlines()
+    except OSError:
+        return
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("|")), None)
+    if start is None:
+        return
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    title = next((ln for ln in reversed(lines[:start]) if ln.startswith("#")), "")
+    print("\n".join([title, *lines[start:end], f"(full report: {report_md})"]).strip(), flush=True)
+
+
 class SweepReportCallback(Callback):
     """Thread caps per job; the report and a non-zero exit status at the end of a sweep."""
 
@@ -58,7 +91,15 @@ class SweepReportCallback(Callback):
         self.fail_exit_code = fail_exit_code
         self.threads_per_job = threads_per_job
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.total_jobs = count_sweep_jobs(list(config.hydra.overrides.task),
+                                           dict(config.hydra.sweeper.get("params") or {}))
+
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        total = getattr(self, "total_jobs", None)  # None in a launcher's worker process (another copy of us)
+        if config.hydra.mode is not None and str(config.hydra.mode).endswith("MULTIRUN"):
+            num = int(config.hydra.job.num) + 1
+            log.info("job %d%s: %s", num, f"/{total}" if total else "", " ".join(config.hydra.overrides.task))
         launcher = OmegaConf.to_container(config.hydra.launcher, resolve=True) if "launcher" in config.hydra else {}
         threads = self.threads_per_job or threads_for_launcher(launcher or {}, _cpu_count())
         if threads:
@@ -86,6 +127,8 @@ class SweepReportCallback(Callback):
             except Exception:  # the sweep's results are on disk; `python -m report` can be rerun by hand
                 report_ok = False
                 log.exception("the sweep report failed; run `python -m report %s` to retry", sweep_dir)
+            else:
+                print_main_table(sweep_dir / "report.md")
         failed = sorted({str(d) for d in failed})
         if failed:
             log.error("%d job(s) failed:\n  %s", len(failed), "\n  ".join(failed))

@@ -271,6 +271,7 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     glue_dir = resolve_glue_dir(data_cfg.get("glue_dir"))
     cache_dir = Path(data_cfg["cache_dir"]).expanduser() if data_cfg.get("cache_dir") else None
 
+    log.info("run directory: %s", out_dir)
     seed_everything(seed)
     tokenizer = load_tokenizer(model_spec)
     data = load_task_data(spec, tokenizer, limits.max_seq_length, glue_dir, cache_dir, limits.max_train_samples,
@@ -317,9 +318,10 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
                       on_eval=on_eval, head_param_names=[n for n, _ in head], checkpointer=checkpointer,
                       stop_requested=signals.stop_requested if signals is not None else None)
     trainer_ref.append(trainer)
-    log.info("training %d steps (%d epochs x %d steps, batch %d x accum %d) on %s, precision %s",
+    log.info("training %d steps (%d epochs x %d steps, batch %d x accum %d) on %s, precision %s; evaluating %s",
              trainer.total_steps, trainer.epochs, trainer.steps_per_epoch, tcfg.batch_size, tcfg.grad_accum,
-             trainer.device, tcfg.precision)
+             trainer.device, tcfg.precision,
+             f"every {trainer.eval_every} steps" if trainer.eval_every else "at the end of every epoch")
     results["stage"] = "training"
     try:
         with signals.deferring() if signals is not None else contextlib.nullcontext():

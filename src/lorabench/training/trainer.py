@@ -9,6 +9,8 @@ Parameters stay fp32 (master weights); autocast lowers precision per op.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import resource
 import sys
@@ -24,6 +26,17 @@ from ..errors import ConfigError, TrainingError
 from .hooks import TrainerHook, TrainState
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+ESTIMATE_AFTER_STEPS = 5  # the time estimate is logged after this many steps (the first ones include warm-up)
+
+log = logging.getLogger("lorabench")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @dataclass
@@ -41,7 +54,9 @@ class TrainerConfig:
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
     device: str = "auto"
-    eval_every: int = 0  # optimizer steps between evaluations; 0 = at the end of every epoch
+    # optimizer steps between evaluations; 0 = at the end of every epoch; "auto" = every epoch, or every tenth of
+    # the run when an epoch is longer than that and than 200 steps (a first metric early on large tasks)
+    eval_every: int | str = "auto"
     log_every: int = 10
     progress_bar: bool = True
     checkpoint_every: int = 0  # optimizer steps between checkpoints (training/checkpoint.py); 0 = none
@@ -65,7 +80,10 @@ class TrainerConfig:
                               f"{self.max_steps}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"trainer.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        for key in ("warmup_steps", "eval_every"):
+        if isinstance(self.eval_every, str) and self.eval_every != "auto":
+            raise ConfigError(f"trainer.eval_every must be a number of steps, 0 (every epoch) or auto; got "
+                              f"{self.eval_every!r}")
+        for key in ("warmup_steps",) + (() if isinstance(self.eval_every, str) else ("eval_every",)):
             if (getattr(self, key) or 0) < 0:
                 raise ConfigError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
         if not self.weight_decay >= 0:
@@ -85,6 +103,16 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={name} but CUDA is not available; use trainer.device=auto or cpu")
     return torch.device(name)
+
+
+def resolve_eval_every(eval_every: int | str, steps_per_epoch: int, total_steps: int) -> int:
+    """trainer.eval_every as steps (0 = at every epoch's end). "auto": every epoch, unless an epoch is longer
+    than a tenth of the run and than 200 steps; then every tenth of the run (SST-2's 2105-step epochs: every
+    632 steps, so the first metric comes after 10% of the run instead of 33%)."""
+    if eval_every != "auto":
+        return int(eval_every)
+    tenth = math.ceil(total_steps / 10)
+    return 0 if steps_per_epoch <= max(tenth, 200) else tenth
 
 
 def linear_warmup_decay(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -200,6 +228,7 @@ class Trainer:
         self.epochs = math.ceil(total / self.steps_per_epoch)
         self.warmup_steps = (config.warmup_steps if config.warmup_steps is not None
                              else int(config.warmup_ratio * total))
+        self.eval_every = resolve_eval_every(config.eval_every, self.steps_per_epoch, total)
         self.state = TrainState(total_steps=total, optimizer=self.optimizer,
                                 reset_optimizer_state=self.reset_optimizer_state)
         self.result = FitResult()
@@ -243,6 +272,12 @@ class Trainer:
                        file=sys.stderr, mininterval=1.0)
         t_start = time.perf_counter()
         t_eval = 0.0
+        first_step = st.step
+        redirect = contextlib.ExitStack()
+        if bar is not None:  # log lines go above the bar instead of being glued onto it
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            redirect.enter_context(logging_redirect_tqdm())
         try:
             for epoch in range(self._start_epoch, self.epochs):
                 if st.step >= self.total_steps:  # resumed from the checkpoint of the last step
@@ -279,13 +314,15 @@ class Trainer:
                                  st.step)
                         self._running_loss, self._running_n = 0.0, 0
                     end_of_epoch = batches_left == 0
-                    if (cfg.eval_every and st.step % cfg.eval_every == 0) or \
-                            (not cfg.eval_every and end_of_epoch) or st.step == self.total_steps:
+                    if (self.eval_every and st.step % self.eval_every == 0) or \
+                            (not self.eval_every and end_of_epoch) or st.step == self.total_steps:
                         t0 = time.perf_counter()
                         self._evaluate(epoch, final=st.step == self.total_steps)
                         t_eval += time.perf_counter() - t0
                         self.model.train()
                     self.after_step()
+                    if st.step - first_step == ESTIMATE_AFTER_STEPS and st.step < self.total_steps:
+                        self._announce_estimate((time.perf_counter() - t_start - t_eval) / ESTIMATE_AFTER_STEPS)
                     if st.step >= self.total_steps:
                         break
                     if self.stop_requested():
@@ -294,6 +331,7 @@ class Trainer:
                 if st.step >= self.total_steps:
                     break
         finally:
+            redirect.close()
             if bar is not None:
                 bar.close()
             # also when stopped or failed: the partial result's timings are those of the steps done
@@ -301,6 +339,19 @@ class Trainer:
             self.result.eval_seconds = t_eval
             self.result.train_seconds = time.perf_counter() - t_start - t_eval
         return self.result
+
+    def _announce_estimate(self, seconds_per_step: float) -> None:
+        """After the first few steps: how long the run will take and when the first metric comes."""
+        st = self.state
+        left = self.total_steps - st.step
+        if self.eval_every:
+            next_eval = (st.step // self.eval_every + 1) * self.eval_every
+        else:  # the end of the current epoch
+            next_eval = (st.epoch + 1) * self.steps_per_epoch
+        next_eval = min(next_eval, self.total_steps)
+        log.info("%.2f s/step over the first %d steps: about %s for the %d steps left; next evaluation at step %d "
+                 "(in about %s)", seconds_per_step, ESTIMATE_AFTER_STEPS, _duration(left * seconds_per_step), left,
+                 next_eval, _duration((next_eval - st.step) * seconds_per_step))
 
     def after_step(self) -> None:
         """Called after every optimizer step's bookkeeping (log, eval); checkpointing plugs in here."""
