@@ -124,3 +124,57 @@ def test_sigterm_before_training_is_recorded(tmp_path, real_glue_dir):
     if (run_dir / "results.json").exists():  # the signal may land before run_job has a directory to write to
         r = _results(run_dir)
         assert r["status"] == "interrupted" and r["signal"] == "SIGTERM"
+
+
+def _submitit_task_pids(folder: Path) -> list[int]:
+    """The submitit task processes (`python -m submitit.core._submit <folder>/...`) of a sweep."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "submitit.core._submit" in cmd and str(folder) in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the job's process through /proc")
+def test_submitit_job_preempted_is_requeued_and_resumes(tmp_path, real_glue_dir):
+    """submitit's preemption signal (USR2, what SLURM sends before a preemption or the time limit), sent to a
+    running job of `hydra/launcher=submitit_local`: the job checkpoints at the signal, submitit requeues it, and
+    the requeued job resumes and ends exactly as an uninterrupted run."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    args = ["trainer.epochs=3"]
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, **ENV, "GLUE_DIR": str(real_glue_dir)}
+    p = subprocess.Popen([sys.executable, "-m", "train", "-m", "hydra/launcher=submitit_local", *COMMON, *args,
+                          "hydra.callbacks.sweep_report.plots=false", f"hydra.sweep.dir={sweep}"], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while not any(len(f.read_text().splitlines()) >= 3 for f in sweep.glob("*/train_log.jsonl")):
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        assert time.monotonic() - t0 < 300, "the job never started training"
+        time.sleep(0.01)
+    pids = _submitit_task_pids(sweep / ".submitit")
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR2)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:] + out[-3000:]
+    (job,) = [d for d in sweep.iterdir() if d.is_dir() and d.name[0].isdigit()]
+    r = _results(job)
+    assert r["status"] == "ok", r.get("error")
+    logs = "".join(f.read_text() for f in (sweep / ".submitit").rglob("*_log.*"))
+    assert "Requeued job" in logs and "requeued job: continuing the interrupted run" in logs, logs[-3000:]
+    assert 1 <= r["resumed_from"]["step"] < 36
+
+    ref_dir = tmp_path / "ref"
+    ref = _start([*args], ref_dir, real_glue_dir)
+    _, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err[-3000:]
+    ref_r = _results(ref_dir)
+    for key in ("best", "last", "history"):
+        assert ref_r[key] == r[key], key

@@ -57,6 +57,8 @@ def run_configured_job(config: dict[str, Any] | Callable[[], dict[str, Any]], ou
                 config = _resolve_or_record(config, Path(out_dir), composed)
             return run_job(config, out_dir, signals=signals)
     except RunInterrupted as e:
+        if signals.hand_over(e.signum):  # submitit requeues the job (and exits); the requeued job resumes
+            return None
         # also in a sweep: the user (or the scheduler) stopped the whole process, not one job
         print(interrupted_message(e, Path(out_dir), in_sweep), file=sys.stderr)
         sys.exit(e.exit_code)

@@ -6,6 +6,11 @@ exits 130 / 143 with one line saying how to resume. Outside training (loading da
 adapter), or on a second signal, the run stops at once (RunInterrupted raised from the handler), and the same
 results.json is written from what exists.
 
+Under submitit (SLURM arrays, `hydra/launcher=slurm|submitit_local`), its preemption / time-limit signal (USR2
+unless SUBMITIT_PREEMPT_SIGNAL says otherwise) is caught too: the run stops and checkpoints the same way, then the
+signal is handed to submitit's own handler, which requeues the job; the requeued job finds the interrupted run's
+checkpoint in its directory and resumes from it (run.prepare_run_dir).
+
 Stdlib only; handlers are installed only in the main thread (signal.signal refuses elsewhere).
 """
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from typing import Iterator
@@ -24,6 +30,17 @@ log = logging.getLogger("lorabench")
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def under_submitit() -> bool:
+    return bool(os.environ.get("SUBMITIT_EXECUTOR"))
+
+
+def preemption_signal() -> int | None:
+    """submitit's preemption / time-limit signal when this process is a submitit job, else None."""
+    if not under_submitit():
+        return None
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+
+
 class StopSignals:
     """Catches SIGINT/SIGTERM for one job. `deferring()` marks the span (training) where a first signal waits
     for the current step to end; `requested` is the signal received, if any."""
@@ -31,6 +48,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.requested: int | None = None
         self._defer = False
+        self.previous: dict[int, object] = {}  # the handlers we replaced, while installed
 
     def _handle(self, signum: int, frame) -> None:
         if self.requested is not None or not self._defer:
@@ -56,11 +74,20 @@ class StopSignals:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = {s: signal.getsignal(s) for s in SIGNALS}
-        for s in SIGNALS:
+        signals = SIGNALS + ((preemption_signal(),) if preemption_signal() else ())
+        self.previous = {s: signal.getsignal(s) for s in signals}
+        for s in signals:
             signal.signal(s, self._handle)
         try:
             yield self
         finally:
-            for s, handler in previous.items():
+            for s, handler in self.previous.items():
                 signal.signal(s, handler)
+
+    def hand_over(self, signum: int) -> bool:
+        """Call the handler we replaced for `signum` (submitit's checkpoint-and-requeue); False if none."""
+        handler = self.previous.get(signum)
+        if signum != preemption_signal() or not callable(handler):
+            return False
+        handler(signum, None)
+        return True

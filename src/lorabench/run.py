@@ -203,6 +203,9 @@ def prepare_run_dir(cfg: dict[str, Any], out_dir: Path) -> tuple[Path, ckpt.Resu
     Every refusal is a ConfigError raised before anything in an existing run directory is changed.
     """
     target = _resume_target((cfg.get("trainer") or {}).get("resume"))
+    if target is None and _requeued_after_interrupt(out_dir):
+        log.info("requeued job: continuing the interrupted run in %s from its newest checkpoint", out_dir)
+        target = ""
     if target is None:
         if (out_dir / ckpt.CHECKPOINT_DIR).is_dir() and ckpt.complete_checkpoints(out_dir):
             raise ConfigError(f"{out_dir} already holds checkpoints of an earlier run: continue it with "
@@ -235,6 +238,19 @@ def prepare_run_dir(cfg: dict[str, Any], out_dir: Path) -> tuple[Path, ckpt.Resu
             raise ConfigError(f"nothing to resume: the run in {run_dir} already finished (results.json status ok)")
     manifest = ckpt.check_resumable(found, cfg)
     return run_dir, ckpt.ResumePoint(run_dir=run_dir, ckpt_dir=found, step=int(manifest["step"]))
+
+
+def _requeued_after_interrupt(run_dir: Path) -> bool:
+    """A submitit job (SLURM requeue after preemption or its time limit) whose directory holds the interrupted
+    run it continues: same job, same directory, a checkpoint the interrupt saved."""
+    from .interrupt import under_submitit
+
+    if not under_submitit() or not ckpt.complete_checkpoints(run_dir):
+        return False
+    try:
+        return json.loads((run_dir / "results.json").read_text()).get("status") == "interrupted"
+    except (OSError, ValueError):
+        return False
 
 
 def _describe(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -327,9 +343,9 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
         with signals.deferring() if signals is not None else contextlib.nullcontext():
             fit = trainer.fit()
     except TrainingStopped as stop:
-        # SIGTERM (a scheduler ending the job) always saves the state it stopped at: an adapter-sized file, a
-        # second or less. Ctrl-C saves only when the run checkpoints anyway (trainer.checkpoint_every > 0).
-        save = tcfg.checkpoint_every > 0 or signals.requested == signal.SIGTERM
+        # SIGTERM or a scheduler's preemption signal always saves the state it stopped at: an adapter-sized file,
+        # a second or less. Ctrl-C saves only when the run checkpoints anyway (trainer.checkpoint_every > 0).
+        save = tcfg.checkpoint_every > 0 or signals.requested != signal.SIGINT
         results.update(_partial_results(trainer, checkpointer.save(trainer) if save else None))
         raise RunInterrupted(signals.requested, stop.step, stop.total_steps) from None
     except RunInterrupted as e:  # a second signal: stopped inside a step, nothing of that step is saved
