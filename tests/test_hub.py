@@ -140,3 +140,21 @@ def test_train_offline_without_glue_dir_is_one_error_line(tmp_path):
     assert len(errors) == 1 and errors[0] == p.stderr.strip().splitlines()[-1], p.stderr[-3000:]
     assert "HF_HUB_OFFLINE=1" in errors[0] and "GLUE_DIR" in errors[0]
     assert "Traceback" not in p.stderr and "Retrying" not in p.stderr + p.stdout
+
+
+def test_hub_warnings_print_once_under_a_root_handler(monkeypatch):
+    """huggingface_hub and datasets add a stderr handler to their loggers and propagate too: under Hydra (a root
+    handler) a warning printed twice. Their own handler goes when a root handler is there; a FileHandler stays."""
+    import logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [logging.NullHandler()])
+    hub = logging.getLogger("huggingface_hub")
+    own, kept = logging.StreamHandler(), logging.FileHandler(os.devnull, delay=True)
+    monkeypatch.setattr(hub, "handlers", [own, kept])
+    data._hub_logs_once()
+    assert hub.handlers == [kept]
+    monkeypatch.setattr(root, "handlers", [])  # no root handler (no Hydra): the library's own one stays
+    monkeypatch.setattr(hub, "handlers", [own])
+    data._hub_logs_once()
+    assert hub.handlers == [own]
