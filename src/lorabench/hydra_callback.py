@@ -1,5 +1,6 @@
 """The Hydra callback of `python -m train -m ...` (registered in conf/config.yaml under hydra.callbacks).
 
+- on_run_start (RunDirLockCallback): a single run locks its run directory before Hydra writes to it.
 - on_job_start: under a parallel launcher (joblib, submitit), caps torch's intra-op threads per job so that
   jobs running side by side do not oversubscribe the cores (n_jobs jobs × all cores each).
 - on_multirun_end: runs the reporter (lorabench.report) on the sweep directory, then exits non-zero when any
@@ -46,6 +47,24 @@ def threads_for_launcher(launcher: dict[str, Any], cpus: int) -> int | None:
         # submitit's local executor starts every job at once; a SLURM job owns its allocation
         return 1 if "LocalLauncher" in target else None
     return None
+
+
+class RunDirLockCallback(Callback):
+    """A single run takes the lock of its run directory (lorabench.rundir) before Hydra writes .hydra/ and the log
+    there; a directory that a live run holds stops this run with one error line and exit status 2."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from .errors import LorabenchError
+        from .rundir import hold
+
+        try:
+            hold(str(config.hydra.run.dir))  # held until this process exits
+        except OSError:
+            pass  # a directory that cannot be created: Hydra's own mkdir reports it next (cli.py words it)
+        except LorabenchError as e:
+            # Hydra turns a callback's exception into a warning and goes on; SystemExit passes its guard.
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
 
 
 class SweepReportCallback(Callback):
