@@ -99,9 +99,8 @@ class SweepReportCallback(Callback):
                 from .report import build_report
 
                 rep = build_report(sweep_dir, sweep_dir, plots=self.plots)
-                failed += [j.dir.resolve() for j in rep.failed + rep.broken]
-                log.info("sweep report: %s (%d ok, %d failed, %d without readable results.json)",
-                         sweep_dir / "report.md", len(rep.ok), len(rep.failed), len(rep.broken))
+                failed += [j.dir.resolve() for j in rep.not_ok]
+                log.info("sweep report: %s (%s)", sweep_dir / "report.md", rep.counts())
             except Exception:  # the sweep's results are on disk; `python -m report` can be rerun by hand
                 report_ok = False
                 log.exception("the sweep report failed; run `python -m report %s` to retry", sweep_dir)
