@@ -133,11 +133,10 @@ def run_job(cfg: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     results: dict[str, Any] = {"status": "running", "config": cfg}
     tracker_box: list = []  # filled by _run once the tracker exists, so `finally` can finish it
-    record_dir: Path | None = out_dir  # where a failure is recorded; None: a directory we must not touch
+    record_dir: Path | None = None  # where a failure is recorded; None: a directory we must not touch (yet)
     locked: list[Path] = []  # run directories this call locked (rundir.py), released at the end
     try:
-        record_dir = None  # until the lock says no other live run writes here
-        _lock(out_dir, locked)
+        _lock(out_dir, locked)  # from here no other live run writes to out_dir
         _check_writable(out_dir)
         record_dir = out_dir
         note = rundir.renamed_note(out_dir)
