@@ -5,6 +5,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from lorabench import rundir
+
+# The default run and sweep directories are claimed atomically, so that runs started in the same second never share
+# one (see lorabench/rundir.py). Cached: every evaluation in this process, and in each job's copy of the config,
+# gives the directory claimed first.
+OmegaConf.register_new_resolver(rundir.RESOLVER, rundir.unique_dir, use_cache=True, replace=True)
+
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:

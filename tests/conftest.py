@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,25 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tests leave the user's home alone: every cache a run (or a subprocess of one) writes goes under one temporary
+# directory for the session, set here at import, before any test, fixture or imported library reads these
+# variables. Set unconditionally: a user's own LORABENCH_CACHE must not receive the suite's files either.
+TEST_CACHE_ROOT = Path(tempfile.mkdtemp(prefix="lorabench-tests-"))
+CACHE_VARS = {
+    "LORABENCH_CACHE": "lorabench",      # tokenized datasets (conf/config.yaml data.cache_dir)
+    "HF_DATASETS_CACHE": "hf_datasets",  # what `datasets` would download or convert
+    "WANDB_CACHE_DIR": "wandb_cache",    # W&B's debug logs and artifacts, even offline
+    "WANDB_CONFIG_DIR": "wandb_config",
+    "WANDB_DATA_DIR": "wandb_data",
+    "MPLCONFIGDIR": "matplotlib",        # matplotlib's font cache
+}
+for _var, _sub in CACHE_VARS.items():
+    os.environ[_var] = str(TEST_CACHE_ROOT / _sub)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(TEST_CACHE_ROOT, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_GLUE = REPO / "tests" / "fixtures" / "glue"

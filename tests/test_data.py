@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -142,3 +144,23 @@ def test_sample_indices_fixed_subset():
     assert sample_indices(10, None) == list(range(10))
     s = sample_indices(1000, 50)
     assert s == sample_indices(1000, 50) and len(set(s)) == 50 and s == sorted(s)
+
+
+def test_suite_caches_stay_out_of_home(tmp_path, real_glue_dir):
+    """conftest points LORABENCH_CACHE (and the other caches) at a session temporary directory: a run made by the
+    suite, here with HOME set to an empty folder, leaves HOME empty and tokenizes into that directory."""
+    from conftest import TEST_CACHE_ROOT, run_train
+
+    cache = Path(os.environ["LORABENCH_CACHE"])
+    assert cache.is_relative_to(TEST_CACHE_ROOT)
+    home = tmp_path / "home"
+    home.mkdir()
+    run_dir = tmp_path / "run"
+    p = run_train(["task=rte", "model=tiny", "trainer=debug", "logger=none", "trainer.max_train_samples=32",
+                   "trainer.max_eval_samples=16", "trainer.progress_bar=false", f"hydra.run.dir={run_dir}"],
+                  cwd=tmp_path, env={"HOME": str(home), "GLUE_DIR": str(real_glue_dir), "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not (home / ".cache" / "lorabench").exists()
+    assert sorted(str(f.relative_to(home)) for f in home.rglob("*")) == []  # nothing else either
+    assert json.loads((run_dir / "results.json").read_text())["config"]["data"]["cache_dir"] == str(cache)
+    assert list(cache.glob("tok-*.pt"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 import statistics
 from pathlib import Path
 
@@ -20,8 +22,12 @@ RANK_TYPES = {"attention.self.query": "query", "attention.self.key": "key", "att
 def write_run(root: Path, name: str, *, task: str, method: str = "lora", budget: str = "r8", seed: int = 1,
               best: dict[str, float], last: dict[str, float] | None = None, model: str = "tiny",
               method_cfg: dict | None = None, stored: int = 7168, rank_pattern: dict | None = None,
-              evals: list[dict] | None = None, status: str = "ok") -> Path:
-    """A job directory as run.py leaves it (only the fields the reporter reads, with their real shapes)."""
+              evals: list[dict] | None = None, status: str = "ok", extra: dict | None = None,
+              mtime: float | None = None) -> Path:
+    """A job directory as run.py leaves it (only the fields the reporter reads, with their real shapes).
+
+    A failed job failed in training (it has the ledger of its built model); `extra` adds fields to results.json
+    (a None value removes one), `mtime` sets when results.json was written."""
     d = root / name
     d.mkdir(parents=True)
     cfg = {"seed": seed, "task": {"name": task}, "method": {"name": method, **(method_cfg or {"alpha": 16})},
@@ -38,8 +44,16 @@ def write_run(root: Path, name: str, *, task: str, method: str = "lora", budget:
             "rank_pattern": rank_pattern or {f"bert.encoder.layer.{i}.attention.self.query": 8 for i in range(2)},
         })
     else:
-        results.update({"error": "TrainingError: non-finite loss (nan) at optimizer step 3", "traceback": "..."})
+        results.update({"error": "TrainingError: non-finite loss (nan) at optimizer step 3", "traceback": "...",
+                        "ledger_start": {"adapter_stored": stored}})
+    for k, v in (extra or {}).items():
+        if v is None:
+            results.pop(k, None)
+        else:
+            results[k] = v
     (d / "results.json").write_text(json.dumps(results))
+    if mtime is not None:
+        os.utime(d / "results.json", (mtime, mtime))
     (d / ".hydra").mkdir()  # Hydra writes the composed config into every job directory
     (d / ".hydra" / "config.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     lines = evals if evals is not None else [results["best"], results["last"]] if status == "ok" else []
@@ -207,3 +221,95 @@ def test_deberta_names_and_seed_mean_in_heatmap():
     b = {"deberta.encoder.layer.0.attention.self.query_proj": 6, "deberta.encoder.layer.0.output.dense": 2}
     mat, layers, types = report.rank_matrix([a, b])
     assert layers == [0] and types == ["query", "ffn_out"] and mat.tolist() == [[5.0, 2.0]]
+
+
+def test_jobs_that_failed_before_training_are_listed_not_tabulated(tmp_path):
+    """A job that never trained (results.json "stage": "setup", or an older file without the model's ledger or a
+    history) adds no row, no column and no [k/N tasks] marker; it is listed once, in its own section."""
+    root = tmp_path / "runs"
+    for seed in (1, 2):
+        write_run(root, f"lora_rte_s{seed}", task="rte", seed=seed, best={"accuracy": 0.5 + seed / 10})
+    write_run(root, "lora_mrpc_s1", task="mrpc", status="failed", best={},
+              extra={"stage": "setup", "error": "DataError: task mrpc: folder /x/MRPC not found"})
+    # an older results.json: no "stage"; failed before the model was built (no ledger_start, no history)
+    write_run(root, "dora_cola_s1", task="cola", method="dora", status="failed", best={},
+              extra={"ledger_start": None, "error": "ConfigError: unknown budget 'r3'"})
+    # "stage": "training" wins over the heuristic: that job's configuration stays in the table
+    write_run(root, "lora_wnli_s1", task="wnli", status="failed", best={},
+              extra={"stage": "training", "ledger_start": None})
+
+    assert report.main([str(root), "--no-plots"]) == 1  # failed jobs still make the report not clean
+    md = (root / "report.md").read_text()
+    rows = table_rows(md, "Best epoch")
+    assert rows[0] == ["method", "stored params", "RTE (acc)", "WNLI (acc)", "GLUE avg"]  # no MRPC, no CoLA
+    assert [r[0] for r in rows[2:]] == ["lora"]  # no dora row
+    assert rows[2][2] == f"{cell([0.6, 0.7])} (n=2)" and rows[2][3] == "—"
+    assert "5 job(s): 2 ok, 3 failed (2 before training), 0 without readable results.json." in md
+    before = md.split("## Failed before training (2)", 1)[1]
+    assert "- `lora_mrpc_s1` (method lora, task mrpc, budget r8, seed 1): DataError: task mrpc: folder" in before
+    assert "- `dora_cola_s1` (method dora, task cola, budget r8, seed 1): ConfigError: unknown budget" in before
+    assert "## Failed jobs (1)" in md and "`lora_wnli_s1`" in md.split("## Failed jobs (1)", 1)[1]
+    for name in ("lora_mrpc_s1", "dora_cola_s1", "lora_wnli_s1"):
+        assert md.count(f"`{name}`") == 1
+
+    # without the training failure: no column but RTE, and no [k/N tasks] marker anywhere
+    shutil.rmtree(root / "lora_wnli_s1")
+    rep = report.build_report(root, plots=False)
+    md = (root / "report.md").read_text()
+    for title in ("Best epoch", "Last epoch"):
+        rows = table_rows(md, title)
+        assert rows[0][2:] == ["RTE (acc)", "GLUE avg"] and rows[2][3] == f"{cell([0.6, 0.7])} (n=2)"
+    assert len(rep.failed_setup) == 2 and rep.failed == [] and not rep.clean
+    assert [r["selection"] for r in csv.DictReader((root / "report.csv").open())] == ["best", "last"]
+
+
+def test_runs_sharing_a_seed_count_once_and_the_newest_is_used(tmp_path):
+    """n is the number of distinct seeds; of several runs of one seed in a cell the newest (results.json written
+    last) is used, and a note under each table says so."""
+    root = tmp_path / "runs"
+    t = 1_700_000_000
+    write_run(root, "a_rte_s1", task="rte", seed=1, best={"accuracy": 0.50}, mtime=t)
+    write_run(root, "b_rte_s1", task="rte", seed=1, best={"accuracy": 0.70}, mtime=t + 60)  # rerun of seed 1
+    write_run(root, "c_rte_s2", task="rte", seed=2, best={"accuracy": 0.80}, mtime=t + 30)
+    write_run(root, "d_rte_s2", task="rte", seed=2, best={"accuracy": 0.60}, mtime=t + 10)  # older, listed later
+    for seed in (1, 2):
+        write_run(root, f"mrpc_s{seed}", task="mrpc", seed=seed, best={"accuracy": 0.7, "f1": 0.8}, mtime=t)
+
+    rep = report.build_report(root, plots=False)
+    assert len(rep.ok) == 6 and rep.clean
+    md = (root / "report.md").read_text()
+    for title in ("Best epoch", "Last epoch"):
+        row = table_rows(md, title)[2]
+        assert row[3] == f"{cell([0.70, 0.80])} (n=2)"  # RTE: seed 1 → b, seed 2 → c
+        assert row[2] == "70.00 ± 0.00 / 80.00 ± 0.00 (n=2)"  # MRPC: one run per seed, no note
+        # GLUE average over the per-seed averages of the runs used
+        assert row[4] == f"{cell([(0.7 + 0.70) / 2, (0.7 + 0.80) / 2])} (n=2)"
+    note = "Note: rte/lora: 4 runs share 2 seeds; the newest run per seed is used."
+    assert md.count(note) == 2 and "mrpc/lora" not in md
+    assert md.index(note) < md.index("## Last epoch")  # under the first table too
+    rows = list(csv.DictReader((root / "report.csv").open()))
+    assert {r["rte/accuracy/n"] for r in rows} == {"2"}
+    assert float(rows[0]["rte/accuracy/mean"]) == pytest.approx(0.75)
+
+
+def test_interrupted_jobs_are_listed_with_their_step_not_tabulated(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_run(root, "lora_rte_s1", task="rte", seed=1, best={"accuracy": 0.6})
+    write_run(root, "lora_rte_s2", task="rte", seed=2, status="interrupted", best={},
+              extra={"step": 37, "error": "KeyboardInterrupt", "stage": "training"},
+              evals=[{"step": 20, "epoch": 1, "eval/accuracy": 0.9}])
+    write_run(root, "lora_mrpc_s1", task="mrpc", seed=1, status="interrupted", best={},
+              extra={"ledger_start": None, "error": None})
+
+    assert report.main([str(root), "--no-plots"]) == 1
+    out = capsys.readouterr()
+    assert "1 ok, 0 failed, 0 without readable results.json, 2 interrupted" in out.out
+    md = (root / "report.md").read_text()
+    rows = table_rows(md, "Best epoch")
+    assert rows[0][2:] == ["RTE (acc)", "GLUE avg"]  # no MRPC column from the interrupted job
+    assert rows[2][2] == "60.00 (n=1)"  # its own evaluations do not count
+    assert "## Failed" not in md
+    section = md.split("## Interrupted jobs (2)", 1)[1]
+    assert "- `lora_rte_s2` (method lora, task rte, budget r8, seed 2): interrupted at step 37" in section
+    assert "- `lora_mrpc_s1` (method lora, task mrpc, budget r8, seed 1): interrupted\n" in section
+    assert "## Interrupted jobs (2)" in out.err

@@ -198,8 +198,8 @@ def test_failing_job_is_recorded_and_the_sweep_reports_and_exits_nonzero(failing
         assert ok["status"] == "ok" and ok["config"]["trainer"]["lr"] == 5e-4
 
     md = (sweep / "report.md").read_text()
-    assert "4 job(s): 3 ok, 1 failed" in md
-    failed = md.split("## Failed jobs (1)", 1)[1]
+    assert "4 job(s): 3 ok, 1 failed (1 before training)" in md
+    failed = md.split("## Failed before training (1)", 1)[1]  # refused its config: listed, not tabulated
     assert f"- `{bad.name}` (method dora_dynamic, task wnli, budget r8, seed 2): ConfigError: trainer.lr must be" \
         in failed
     values = metric_values(sweep)
@@ -224,7 +224,8 @@ def test_job_whose_config_does_not_resolve_is_recorded_in_sweep_and_single_run(t
     assert r["status"] == "failed" and r["error_type"] == "InterpolationKeyError" and "lr_of.wnli" in r["error"]
     assert r["config"]["task"]["name"] == "wnli" and "Traceback" in r["traceback"]
     md = (sweep / "report.md").read_text()
-    assert "## Failed jobs (1)" in md and "`0_wnli_lora_s1` (method lora, task wnli, budget r8, seed 1)" in md
+    assert "## Failed before training (1)" in md
+    assert "`0_wnli_lora_s1` (method lora, task wnli, budget r8, seed 1)" in md
 
     single = tmp_path / "single"
     p = run_train(["task=wnli", *SMALL, *lookup, f"hydra.run.dir={single}"], cwd=tmp_path, env=glue_env)

@@ -10,7 +10,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -190,13 +195,122 @@ def _eval_split(spec: TaskSpec, name: str) -> EvalSplit:
     raise DataError(f"task {spec.name} has no eval split {name!r}")
 
 
+# --- the Hugging Face hub --------------------------------------------------------------------------------------
+#
+# Without GLUE_DIR the data comes from the hub through `datasets`, which retries a dead network for ~30 s before
+# giving up. So the hub is tried only when it can work: not when the user switched it off (HF_HUB_OFFLINE /
+# HF_DATASETS_OFFLINE; a copy in the datasets cache is still read then, as `datasets` does offline), and not when
+# a short connection probe finds no route to it (done once per process).
+
+HUB_PROBE_TIMEOUT = 3.0  # seconds for the whole probe, name lookup included
+_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub and datasets accept as "set"
+_hub_probes: dict[tuple[str, int], bool] = {}  # (host, port) → reachable, once per process
+
+
+def hub_offline_variable() -> str | None:
+    """The environment variable that switches the hub off for `datasets`, as "NAME=value"; None when online.
+
+    `datasets` lets HF_DATASETS_OFFLINE, when set at all, decide over HF_HUB_OFFLINE; so do we."""
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        value = os.environ.get(var)
+        if value is not None:
+            return f"{var}={value}" if value.strip().upper() in _TRUE_VALUES else None
+    return None
+
+
+def hub_address() -> tuple[str, int]:
+    """(host, port) that a hub download connects to first: the HTTPS proxy when one applies, else HF_ENDPOINT."""
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    target = endpoint
+    proxy = urllib.request.getproxies().get(endpoint.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(endpoint.hostname or ""):
+        target = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    default_port = 443 if target.scheme == "https" else 80
+    return target.hostname or "huggingface.co", target.port or default_port
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether a TCP connection to the hub (or its proxy) opens within `timeout` seconds; probed once per process."""
+    address = hub_address()
+    if address not in _hub_probes:
+        _hub_probes[address] = _can_connect(address, timeout)
+    return _hub_probes[address]
+
+
+def _can_connect(address: tuple[str, int], timeout: float) -> bool:
+    # In a thread: a socket timeout does not bound the name lookup, which can hang far longer on a dead network.
+    opened: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            opened.append(False)
+
+    worker = threading.Thread(target=attempt, name="lorabench-hub-probe", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(opened and opened[0])
+
+
+def datasets_cache_dir() -> Path:
+    """Where `datasets` keeps what it downloaded (its own rule, computed without importing it)."""
+    if os.environ.get("HF_DATASETS_CACHE"):
+        return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
+    hf_home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache",
+                                                        "huggingface")
+    return Path(hf_home).expanduser() / "datasets"
+
+
+def _cached_on_disk(path: str, name: str) -> bool:
+    # datasets keeps nyu-mll/glue's rte under <cache>/nyu-mll___glue/rte/<version>/<hash>/
+    d = datasets_cache_dir() / path.replace("/", "___") / name
+    return d.is_dir() and any(p.is_dir() for p in d.glob("*/*"))
+
+
+def _check_hub_usable(spec: TaskSpec, path: str, name: str) -> None:
+    """Raise the one-line DataError when loading from the hub cannot work, before `datasets` spends its retries."""
+    no_data = f"task {spec.name}: no GLUE data: data.glue_dir and GLUE_DIR are unset"
+    fix = "Set GLUE_DIR (or data.glue_dir=<dir>) to a glue_data/ folder"
+    cache = datasets_cache_dir()
+    offline = hub_offline_variable()
+    if offline is not None:
+        if _cached_on_disk(path, name):
+            return  # datasets reads its cached copy without any network call
+        var = offline.split("=", 1)[0]
+        raise DataError(f"{no_data}, and the Hugging Face hub is switched off ({offline}) with no copy of "
+                        f"{path}/{name} in the datasets cache ({cache}). {fix}, or unset {var} to download it.")
+    if not hub_reachable():
+        host, port = hub_address()
+        cached = (f", or set HF_HUB_OFFLINE=1 to read the copy of {path}/{name} in the datasets cache ({cache})"
+                  if _cached_on_disk(path, name) else "")
+        raise DataError(f"{no_data}, and the Hugging Face hub is unreachable (no connection to {host}:{port} within "
+                        f"{HUB_PROBE_TIMEOUT:g} s; offline?). {fix}{cached}.")
+
+
+def _hub_logs_once() -> None:
+    """huggingface_hub and datasets give their loggers a stderr handler of their own and let records propagate as
+    well: under Hydra, whose handlers sit on the root logger, every hub warning printed twice. With a root handler
+    in place, theirs goes (the records still reach the console and the job's log file, once)."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("huggingface_hub", "datasets"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # their default; a FileHandler someone added stays
+                logger.removeHandler(handler)
+
+
 def _load_hub(spec: TaskSpec, split: str) -> Examples:
     hub_split = "train" if split == "train" else _eval_split(spec, split).hub_split
+    path, name = spec.hub.get("path", "nyu-mll/glue"), spec.hub.get("name", spec.name)
+    _check_hub_usable(spec, path, name)
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a dependency
         raise DataError(f"the `datasets` package is needed to read GLUE from the hub: {e}") from None
-    path, name = spec.hub.get("path", "nyu-mll/glue"), spec.hub.get("name", spec.name)
+    _hub_logs_once()
     try:
         ds = datasets.load_dataset(path, name, split=hub_split)
     except Exception as e:

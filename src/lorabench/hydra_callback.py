@@ -1,5 +1,6 @@
 """The Hydra callback of `python -m train -m ...` (registered in conf/config.yaml under hydra.callbacks).
 
+- on_run_start (RunDirLockCallback): a single run locks its run directory before Hydra writes to it.
 - on_job_start: under a parallel launcher (joblib, submitit), caps torch's intra-op threads per job so that
   jobs running side by side do not oversubscribe the cores (n_jobs jobs × all cores each).
 - on_multirun_end: runs the reporter (lorabench.report) on the sweep directory, then exits non-zero when any
@@ -81,6 +82,24 @@ def print_main_table(report_md: Path) -> None:
     print("\n".join([title, *lines[start:end], f"(full report: {report_md})"]).strip(), flush=True)
 
 
+class RunDirLockCallback(Callback):
+    """A single run takes the lock of its run directory (lorabench.rundir) before Hydra writes .hydra/ and the log
+    there; a directory that a live run holds stops this run with one error line and exit status 2."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from .errors import LorabenchError
+        from .rundir import hold
+
+        try:
+            hold(str(config.hydra.run.dir))  # held until this process exits
+        except OSError:
+            pass  # a directory that cannot be created: Hydra's own mkdir reports it next (cli.py words it)
+        except LorabenchError as e:
+            # Hydra turns a callback's exception into a warning and goes on; SystemExit passes its guard.
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+
+
 class SweepReportCallback(Callback):
     """Thread caps per job; the report and a non-zero exit status at the end of a sweep."""
 
@@ -121,9 +140,8 @@ class SweepReportCallback(Callback):
                 from .report import build_report
 
                 rep = build_report(sweep_dir, sweep_dir, plots=self.plots)
-                failed += [j.dir.resolve() for j in rep.failed + rep.broken]
-                log.info("sweep report: %s (%d ok, %d failed, %d without readable results.json)",
-                         sweep_dir / "report.md", len(rep.ok), len(rep.failed), len(rep.broken))
+                failed += [j.dir.resolve() for j in rep.not_ok]
+                log.info("sweep report: %s (%s)", sweep_dir / "report.md", rep.counts())
             except Exception:  # the sweep's results are on disk; `python -m report` can be rerun by hand
                 report_ok = False
                 log.exception("the sweep report failed; run `python -m report %s` to retry", sweep_dir)

@@ -8,8 +8,11 @@ Reads only the results contract of each job directory (found recursively): resul
                                         the runs have more than one budget; × model when more than one model;
                                         × the method options that differ between runs, e.g. `alpha=8`), one
                                         column per GLUE task in GLUE order plus the GLUE average; cells are the
-                                        mean ± sample std (ddof=1) over seeds with the seed count "(n=K)";
-                                        failed, unreadable and missing jobs are listed under the tables
+                                        mean ± sample std (ddof=1) over seeds with the seed count "(n=K)"
+                                        (runs sharing a seed in a cell: the newest counts, and a note says so);
+                                        failed, interrupted, unreadable and missing jobs are listed under the
+                                        tables. A job that failed before training (results.json "stage":
+                                        "setup") or was interrupted adds no row or column to the tables.
   plots/ranks_<row>_<task>.png          final rank allocation (layer × matrix type) of rank-adaptive methods
   plots/eval_<task>.png                 the averaged metric vs optimizer step, one line per run
   plots/budget_<task>.png               total rank budget vs step (train/budget when the method logs it,
@@ -85,6 +88,24 @@ class Job:
         if self.results is None:
             return "unreadable" if (self.dir / "results.json").exists() else "missing"
         return str(self.results.get("status", "unknown"))
+
+    @property
+    def failed_before_training(self) -> bool:
+        """A failed job that never trained: results.json says "stage": "setup"; a file written before that field
+        existed has neither the ledger of a built model ("ledger_start") nor a training history."""
+        if self.results is None or self.status != "failed":
+            return False
+        stage = self.results.get("stage")
+        if stage is not None:
+            return stage == "setup"
+        return "ledger_start" not in self.results and "history" not in self.results
+
+    def finished_at(self) -> float:
+        """When results.json was written (its modification time): which of two runs of one seed is newer."""
+        try:
+            return (self.dir / "results.json").stat().st_mtime
+        except OSError:
+            return float("-inf")
 
     def _cfg(self) -> dict[str, Any]:
         if self.results is not None and isinstance(self.results.get("config"), dict):
@@ -285,9 +306,27 @@ class Table:
     show_budget: bool
     show_model: bool
     stored: dict[RowKey, tuple[float, float, bool]]  # mean adapter_stored, mean extra_stored, all equal?
+    # (row, task) → (runs, distinct seeds) where several runs share a seed (only the newest per seed is used)
+    shared_seeds: dict[tuple[RowKey, str], tuple[int, int]] = field(default_factory=dict)
 
     def row_label(self, row: RowKey) -> str:
         return row.method + (f" ({row.variant})" if row.variant else "")
+
+    def full_label(self, row: RowKey) -> str:
+        """The row label with the budget and model when the table shows them."""
+        return self.row_label(row) + (f" {row.budget}" if self.show_budget else "") + \
+            (f" {row.model}" if self.show_model else "")
+
+    def seed_notes(self) -> list[str]:
+        """One line per cell whose runs share seeds, in table order."""
+        out = []
+        for row in self.rows:
+            for task in self.tasks:
+                if (row, task) in self.shared_seeds:
+                    runs, seeds = self.shared_seeds[row, task]
+                    out.append(f"Note: {task}/{self.full_label(row)}: {runs} runs share {seeds} "
+                               f"seed{'s' if seeds > 1 else ''}; the newest run per seed is used.")
+        return out
 
     def metrics(self, task: str) -> tuple[str, ...]:
         runs = [j for r in self.rows for j in (self.cells.get((r, task)) or Cell([])).runs]
@@ -337,14 +376,35 @@ class Table:
         return statistics.fmean(means), std, n, len(means)
 
 
+def newest_per_seed(runs: Sequence[Job]) -> list[Job]:
+    """One run per seed, the newest (a rerun replaces the run it repeats; averaging both would count that seed
+    twice), in the order given."""
+    newest: dict[str, Job] = {}
+    for j in runs:  # on equal times the later directory wins
+        seed = str(j.field("seed"))
+        if seed not in newest or j.finished_at() >= newest[seed].finished_at():
+            newest[seed] = j
+    kept = {id(j) for j in newest.values()}
+    return [j for j in runs if id(j) in kept]
+
+
 def build_table(ok_jobs: list[Job], failed_jobs: Sequence[Job] = ()) -> Table:
-    """Cells from the ok jobs; failed jobs (with a readable results.json) still add their row and task, so a
-    configuration that failed everywhere shows up as a row of "—"."""
+    """Cells from the ok jobs, one run per seed (the newest; Table.shared_seeds notes the cells where runs shared a
+    seed); failed jobs (with a readable results.json) still add their row and task, so a configuration that failed
+    everywhere shows up as a row of "—". Pass only jobs that failed in training: one that never started training
+    says nothing about the configuration's scores."""
     failed_jobs = [j for j in failed_jobs if j.field("method") is not None and j.field("task") is not None]
     keys = row_keys(list(ok_jobs) + failed_jobs)
-    cells: dict[tuple[RowKey, str], Cell] = {}
+    grouped: dict[tuple[RowKey, str], list[Job]] = {}
     for j in ok_jobs:
-        cells.setdefault((keys[id(j)], str(j.field("task"))), Cell([])).runs.append(j)
+        grouped.setdefault((keys[id(j)], str(j.field("task"))), []).append(j)
+    cells: dict[tuple[RowKey, str], Cell] = {}
+    shared_seeds: dict[tuple[RowKey, str], tuple[int, int]] = {}
+    for key, runs in grouped.items():
+        cells[key] = Cell(newest_per_seed(runs))
+        if len(cells[key].runs) < len(runs):
+            shared_seeds[key] = (len(runs), len(cells[key].runs))
+    ok_jobs = [j for cell in cells.values() for j in cell.runs]
     rows = sorted(set(keys.values()), key=lambda r: (_method_rank(r.method), r.variant, _budget_rank(r.budget),
                                                    r.model))
     tasks = {str(j.field("task")) for j in list(ok_jobs) + failed_jobs}
@@ -358,7 +418,7 @@ def build_table(ok_jobs: list[Job], failed_jobs: Sequence[Job] = ()) -> Table:
                        len(set(adapter)) <= 1)
     return Table(rows=rows, tasks=task_order(tasks), cells=cells,
                  show_budget=len({r.budget for r in rows}) > 1, show_model=len({r.model for r in rows}) > 1,
-                 stored=stored)
+                 stored=stored, shared_seeds=shared_seeds)
 
 
 # --- formatting ---------------------------------------------------------------------------------------------
@@ -599,8 +659,7 @@ def make_plots(table: Table, out_dir: Path) -> list[Path]:
         evals: dict[str, list] = {}
         budgets: dict[str, list] = {}
         for row in table.rows:
-            label = table.row_label(row) + (f" {row.budget}" if table.show_budget else "") + \
-                (f" {row.model}" if table.show_model else "")
+            label = table.full_label(row)
             for j in (table.cells.get((row, task)) or Cell([])).runs:
                 lines = j.evals or [h for h in (j.results.get("history") or []) if isinstance(h, dict)]
                 pts = [(e["step"], e[f"eval/{metric}"]) for e in lines
@@ -633,15 +692,33 @@ class Report:
     out_dir: Path
     jobs: list[Job]
     ok: list[Job]
-    failed: list[Job]
+    failed: list[Job]  # failed while training (or at an unknown stage): their configurations stay in the tables
     broken: list[Job]  # no results.json, or one that cannot be read
     not_found: list[str]
     table: Table | None
     paths: list[Path]
+    failed_setup: list[Job] = field(default_factory=list)  # failed before training: listed, not tabulated
+    interrupted: list[Job] = field(default_factory=list)  # stopped by Ctrl-C / SIGTERM: listed, not tabulated
+
+    @property
+    def not_ok(self) -> list[Job]:
+        """Every job that did not finish ok."""
+        return self.failed + self.failed_setup + self.interrupted + self.broken
 
     @property
     def clean(self) -> bool:
-        return not self.failed and not self.broken and not self.not_found
+        return not self.not_ok and not self.not_found
+
+    def counts(self) -> str:
+        """Like "3 ok, 2 failed (1 before training), 0 without readable results.json, 1 interrupted"."""
+        n_failed = len(self.failed) + len(self.failed_setup)
+        text = f"{len(self.ok)} ok, {n_failed} failed"
+        if self.failed_setup:
+            text += f" ({len(self.failed_setup)} before training)"
+        text += f", {len(self.broken)} without readable results.json"
+        if self.interrupted:
+            text += f", {len(self.interrupted)} interrupted"
+        return text
 
 
 def grid_gaps(jobs: list[Job]) -> list[str]:
@@ -659,13 +736,16 @@ def build_report(root: str | Path, out_dir: str | Path | None = None, plots: boo
     out = Path(out_dir) if out_dir is not None else root
     jobs = [read_job(d, root) for d in find_job_dirs(root)]
     ok = [j for j in jobs if j.results is not None and j.status == "ok"]
-    failed = [j for j in jobs if j.results is not None and j.status != "ok"]
+    interrupted = [j for j in jobs if j.results is not None and j.status == "interrupted"]
+    failed_setup = [j for j in jobs if j.failed_before_training]
+    failed = [j for j in jobs if j.results is not None and j.status not in ("ok", "interrupted")
+              and not j.failed_before_training]
     broken = [j for j in jobs if j.results is None]
     # A sweep (Hydra writes multirun.yaml at its root) is a grid: list the combinations that left no trace.
     not_found = grid_gaps(jobs) if (root / "multirun.yaml").exists() else []
     table = build_table(ok, failed) if ok else None
     out.mkdir(parents=True, exist_ok=True)
-    report = Report(root, out, jobs, ok, failed, broken, not_found, table, [])
+    report = Report(root, out, jobs, ok, failed, broken, not_found, table, [], failed_setup, interrupted)
     report.paths += [out / "report.md", out / "report.csv", out / "report.tex"]
     plot_paths = make_plots(table, out) if (plots and table is not None) else []
     (out / "report.md").write_text(render_markdown(report, plot_paths))
@@ -675,13 +755,30 @@ def build_report(root: str | Path, out_dir: str | Path | None = None, plots: boo
     return report
 
 
+def _first_error_line(j: Job) -> str:
+    err = str(j.results.get("error") or j.results.get("status")).strip().splitlines()
+    return err[0] if err else "failed"
+
+
 def _problem_lines(report: Report) -> list[str]:
     lines = []
     if report.failed:
         lines += ["", f"## Failed jobs ({len(report.failed)})", ""]
         for j in report.failed:
-            err = str(j.results.get("error") or j.results.get("status")).strip().splitlines()
-            lines.append(f"- `{j.rel}` ({j.describe()}): {err[0] if err else 'failed'}")
+            lines.append(f"- `{j.rel}` ({j.describe()}): {_first_error_line(j)}")
+    if report.failed_setup:
+        lines += ["", f"## Failed before training ({len(report.failed_setup)})", "",
+                  "Jobs that stopped before their first training step (an option, the data or the model); they are "
+                  "not in the tables:", ""]
+        for j in report.failed_setup:
+            lines.append(f"- `{j.rel}` ({j.describe()}): {_first_error_line(j)}")
+    if report.interrupted:
+        lines += ["", f"## Interrupted jobs ({len(report.interrupted)})", "",
+                  "Jobs stopped by Ctrl-C or a signal; they are not in the tables:", ""]
+        for j in report.interrupted:
+            step = j.results.get("step")
+            at = f" at step {step}" if step is not None else ""
+            lines.append(f"- `{j.rel}` ({j.describe()}): interrupted{at}")
     if report.broken:
         lines += ["", f"## Missing or unreadable results ({len(report.broken)})", ""]
         for j in report.broken:
@@ -698,12 +795,12 @@ def _problem_lines(report: Report) -> list[str]:
 def render_markdown(report: Report, plot_paths: list[Path]) -> str:
     n = len(report.jobs)
     lines = [f"# lorabench report: `{report.root}`", "",
-             f"{n} job(s): {len(report.ok)} ok, {len(report.failed)} failed, "
-             f"{len(report.broken)} without readable results.json.", ""]
+             f"{n} job(s): {report.counts()}.", ""]
     if report.table is None:
         lines.append("No finished job to tabulate.")
     else:
-        lines += ["Cells: mean ± sample std over seeds (n = number of runs), metrics ×100. MRPC/QQP acc/F1, STS-B "
+        lines += ["Cells: mean ± sample std over seeds (n = number of seeds; of runs sharing a seed the newest is "
+                  "used), metrics ×100. MRPC/QQP acc/F1, STS-B "
                   "Pearson/Spearman, MNLI matched/mismatched accuracy; the GLUE average takes the first number of "
                   "each task (CoLA MCC, MRPC/QQP accuracy, STS-B Pearson, MNLI matched) and its std is that of the "
                   "per-seed averages; [k/N tasks] marks a row that lacks some tasks. Stored params: the "
@@ -711,6 +808,8 @@ def render_markdown(report: Report, plot_paths: list[Path]) -> str:
                   "+extra such as DoRA magnitudes in parentheses), task heads excluded."]
         for selection, title, what in SELECTIONS:
             lines += ["", f"## {title}", "", f"Per run: {what}.", "", markdown_table(report.table, selection)]
+            for note in report.table.seed_notes():
+                lines += ["", note]
     lines += _problem_lines(report)
     if plot_paths:
         lines += ["", "## Plots", ""]
@@ -757,8 +856,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = build_report(root, args.out, plots=not args.no_plots)
     if report.table is not None:
         print(markdown_table(report.table, "best"))
+        for note in report.table.seed_notes():
+            print(note)
     for line in _problem_lines(report):
         print(line, file=sys.stderr)
-    print(f"report: {report.out_dir / 'report.md'} ({len(report.ok)} ok, {len(report.failed)} failed, "
-          f"{len(report.broken)} without readable results)")
+    print(f"report: {report.out_dir / 'report.md'} ({report.counts()})")
     return 0 if report.clean else 1

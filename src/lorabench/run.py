@@ -6,6 +6,9 @@ and traceback (nothing claims success that did not finish). results.json is writ
 
 Resume (`trainer.resume=true` or `=<run dir>`) continues a run from its newest complete checkpoint
 (training/checkpoint.py) in that run's directory; a refused resume leaves the earlier run's files untouched.
+
+A job holds the lock of its run directory (rundir.py) while it runs: a second job into a directory that a live
+run holds fails with one error line and leaves that run's files alone.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import methods
+from . import methods, rundir
 from .backbone import ModelSpec, find_targets, freeze_backbone, load_model, load_tokenizer
 from .budget import Budget
 from .data import BatchLoader, Collator, DataLimits, TaskSpec, load_task_data, resolve_glue_dir
@@ -139,16 +142,23 @@ def run_job(cfg: dict[str, Any], out_dir: str | Path, signals=None) -> dict[str,
     # that failed in setup apart from the table; the entry removes a single run's directory in that case)
     results: dict[str, Any] = {"status": "running", "stage": "setup", "config": cfg}
     tracker_box: list = []  # filled by _run once the tracker exists, so `finally` can finish it
-    record_dir: Path | None = out_dir  # where a failure is recorded; None: a directory we must not touch
+    record_dir: Path | None = None  # where a failure is recorded; None: a directory we must not touch (yet)
+    locked: list[Path] = []  # run directories this call locked (rundir.py), released at the end
     try:
+        _lock(out_dir, locked)  # from here no other live run writes to out_dir
         _check_writable(out_dir)
+        record_dir = out_dir
+        note = rundir.renamed_note(out_dir)
+        if note:
+            log.info(note)
         results.update(_describe(cfg))
         if _holds_run(out_dir):
             record_dir = None  # until it is clear we may continue (or replace) the run that is there
         run_dir, resume = prepare_run_dir(cfg, out_dir)
-        record_dir = run_dir
         if run_dir != out_dir:
+            _lock(run_dir, locked)  # the run to resume: not while it is still running
             _check_writable(run_dir)
+        record_dir = run_dir
         return _run(cfg, run_dir, results, t0, tracker_box, resume, signals)
     except RunInterrupted as e:
         results["status"] = "interrupted"
@@ -169,6 +179,19 @@ def run_job(cfg: dict[str, Any], out_dir: str | Path, signals=None) -> dict[str,
     finally:
         if tracker_box:
             tracker_box[0].finish(results.get("status", "failed"))
+        for d in locked:
+            rundir.release(d)
+
+
+def _lock(run_dir: Path, locked: list[Path]) -> None:
+    """Lock `run_dir` for this job (ConfigError when a live run holds it); remember it when this call took it."""
+    try:
+        taken = rundir.hold(run_dir)
+    except OSError:
+        _check_writable(run_dir)  # words why the directory cannot be used
+        raise
+    if taken:
+        locked.append(run_dir)
 
 
 def _check_writable(out_dir: Path) -> None:

@@ -1,0 +1,116 @@
+"""A run directory belongs to one run.
+
+Two guarantees, for the two ways a directory is chosen:
+
+- **The default, time-stamped directory** (hydra.run.dir and hydra.sweep.dir in conf/config.yaml) goes through
+  the resolver `${lorabench.unique_dir:<path>}` (registered by src/train.py). It creates <path> with os.mkdir,
+  which is atomic: of several processes that try the same name at the same moment, exactly one succeeds, and
+  the others move on to <path>-2, <path>-3, ... . Checking "does it exist?" and then creating it would race
+  (both processes see nothing and both use it); a lock taken inside the job would come too late, because Hydra
+  has already written .hydra/ and opened the job's log in the directory by then. The claim is remembered per
+  process, and by OmegaConf's resolver cache, which Hydra copies into each sweep job's config and which travels
+  with the pickled config to launcher processes: evaluating the directory again gives the same one.
+
+- **A directory the user names** (hydra.run.dir=<dir>, trainer.resume=<dir>) may hold an earlier run to continue,
+  so it cannot be made fresh. It is guarded by an exclusive lock: flock on <dir>/.lock, held by the job's
+  process until the job ends or the process exits. The kernel drops the lock when the process dies, even by
+  kill -9, so a dead run never blocks its resume. A second process that finds the lock held fails with one error
+  line (ConfigError) before it touches the directory: the Hydra callback takes the lock in on_run_start, before
+  Hydra writes .hydra/ there, and run_job takes it again (a no-op in the same process) for jobs started without
+  the command line. The .lock file stays after the run: deleting it would let a process that opened the old file
+  and one that creates a new file both "hold" the directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+from pathlib import Path
+
+from .errors import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locking
+    fcntl = None
+
+LOCK_NAME = ".lock"
+RESOLVER = "lorabench.unique_dir"
+
+_claimed: dict[str, str] = {}  # requested path → the directory this process created for it
+_held: dict[str, int] = {}  # resolved run directory → descriptor of its locked .lock
+
+
+def unique_dir(path: str) -> str:
+    """`path` if this call creates it, else the first of `path-2`, `path-3`, ... that it creates; the same answer
+    for the same `path` for the rest of the process.
+
+    When the parent cannot be created the path is returned as it is: Hydra's own mkdir then fails on it and the
+    entry words that as one error line (cli.py)."""
+    path = str(path).rstrip("/") or "/"
+    if path in _claimed:
+        return _claimed[path]
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return path
+    for n in itertools.count(1):
+        candidate = path if n == 1 else f"{path}-{n}"
+        try:
+            os.mkdir(candidate)
+        except FileExistsError:
+            continue
+        except OSError:
+            return path
+        _claimed[path] = candidate
+        return candidate
+    raise AssertionError("unreachable")
+
+
+def renamed_note(run_dir: str | Path) -> str | None:
+    """A log line when `run_dir` is a `-N` sibling because the time-stamped name was taken, else None."""
+    for asked, got in _claimed.items():
+        if got != asked and Path(got).resolve() == Path(run_dir).resolve():
+            return f"run directory {asked} already exists (another run started in the same second?); this run " \
+                   f"writes to {got}"
+    return None
+
+
+def hold(run_dir: str | Path) -> bool:
+    """Take the exclusive lock of `run_dir` for this process.
+
+    True when taken now (the caller releases it), False when this process holds it already or the file system
+    cannot lock. Raises ConfigError when another live process holds it, and OSError when the directory cannot be
+    created."""
+    run_dir = Path(run_dir)
+    key = str(run_dir.resolve())
+    if key in _held or fcntl is None:
+        return False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(os.path.join(key, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "owner unknown"
+        os.close(fd)
+        raise ConfigError(f"run directory {run_dir} is in use by a running job ({owner}); wait for it to end or "
+                          f"stop it, or choose another directory (without hydra.run.dir each run gets a new "
+                          f"time-stamped one)") from None
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+            return False  # a file system without flock: run unguarded rather than not at all
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    _held[key] = fd
+    return True
+
+
+def release(run_dir: str | Path) -> None:
+    """Drop this process's lock of `run_dir` (closing the descriptor releases the flock)."""
+    fd = _held.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)
