@@ -79,11 +79,36 @@ def check_value(key: str, value: Any, expected: Any) -> None:
         raise ConfigError(f"{key}={value!r} is not valid: expected {_describe(expected)}")
 
 
+def _coerced(expected: Any, value: Any) -> tuple[bool, Any]:
+    """(True, v) when `value` stands for a value of `expected` in another form: an integral float for an int
+    (`epochs=3.0`), a numeric string for a number and "true"/"false" for a bool (`${oc.env:LR}` gives strings)."""
+    options = typing.get_args(expected) if typing.get_origin(expected) in (typing.Union, types.UnionType) \
+        else (expected,)
+    for t in options:
+        if t is int and isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        if isinstance(value, str) and t in (int, float):
+            try:
+                return True, t(value.strip())
+            except ValueError:
+                continue
+        if t is bool and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return True, value.strip().lower() == "true"
+    return False, value
+
+
 def check_field_types(obj: Any, group: str) -> None:
-    """Raise ConfigError for the first field of dataclass `obj` whose value does not match its annotation."""
+    """Check every field of dataclass `obj` against its annotation, converting values that only differ in form
+    (see _coerced); raise ConfigError naming the first field that is not of its type."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        check_value(f"{group}.{f.name}", getattr(obj, f.name), hints.get(f.name, Any))
+        value, expected = getattr(obj, f.name), hints.get(f.name, Any)
+        if not _accepts(expected, value):
+            ok, converted = _coerced(expected, value)
+            if ok:
+                object.__setattr__(obj, f.name, converted)  # frozen dataclasses too: this is their __post_init__
+                continue
+        check_value(f"{group}.{f.name}", value, expected)
 
 
 def method_schema(name: str) -> dict[str, Any]:
@@ -97,7 +122,8 @@ def method_schema(name: str) -> dict[str, Any]:
 
 
 def check_method_options(cfg: dict[str, Any]) -> None:
-    """Unknown keys and wrong types in the `method` group, judged against the method's YAML defaults."""
+    """Unknown keys and wrong types in the `method` group, judged against the method's YAML defaults; values
+    that only differ in form (a numeric string, "false") are converted in `cfg`."""
     name = cfg.get("name")
     schema = method_schema(str(name))
     if not schema:
@@ -111,4 +137,9 @@ def check_method_options(cfg: dict[str, Any]) -> None:
             continue  # an optional value (null by default): the method checks its own type
         # a number where the YAML has a number (YAML writes alpha 16 for 16.0; ranges are the method's to check)
         expected = float if isinstance(default, (int, float)) and not isinstance(default, bool) else type(default)
+        if not _accepts(expected, value):
+            ok, converted = _coerced(expected, value)
+            if ok:
+                cfg[key] = converted
+                continue
         check_value(f"method.{key}", value, expected)
