@@ -191,18 +191,19 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("max_train", "epochs", "rank", "alpha", "dropout", "lr", "batch")}
-    record = {"argv": sys.argv[1:], "settings": settings, "tasks": {}}
     previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    # tasks of earlier invocations stay in the table (each entry records its own settings and command line)
+    record = {"tasks": dict(previous.get("tasks") or {})}
     for task in args.tasks.split(","):
-        done = (previous.get("tasks") or {}).get(task)
-        if done and previous.get("settings") == settings and all(
+        done = record["tasks"].get(task)
+        if done and done.get("settings", previous.get("settings")) == settings and all(
                 sorted(r["seed"] for r in done["runs"].get(arm, [])) == seeds for arm in arms):
-            record["tasks"][task] = done  # finished by an earlier invocation with the same settings
-            continue
+            continue  # finished by an earlier invocation with the same settings
         spec = load_task_spec(task)
         data = load_task_data(spec, tokenizer, 128, resolve_glue_dir(args.glue_dir), None, args.max_train)
-        entry = {"metric": f"eval/{spec.primary_metric}", "n_train": len(data.train),
-                 "n_dev": {k: len(v) for k, v in data.evals.items()}, "baseline": baseline(data, spec), "runs": {}}
+        entry = {"metric": f"eval/{spec.primary_metric}", "n_train": len(data.train), "settings": settings,
+                 "argv": sys.argv[1:], "n_dev": {k: len(v) for k, v in data.evals.items()},
+                 "baseline": baseline(data, spec), "runs": {}}
         for arm in arms:
             for seed in seeds:
                 if arm == "lorabench":
@@ -217,6 +218,7 @@ def main(argv=None) -> int:
                 print(f"{task} {arm} seed {seed}: {entry['metric']} = {r['last'][entry['metric']]:.4f} "
                       f"({r['seconds']:.0f} s)", flush=True)
         record["tasks"][task] = entry
+        record["tasks"] = {t: record["tasks"][t] for t in TASKS if t in record["tasks"]}  # GLUE order
         out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str))
         out.with_suffix(".md").write_text(render(record, args, arms, seeds))
     print(render(record, args, arms, seeds))
@@ -229,14 +231,16 @@ def render(record: dict, args, arms: list[str], seeds: list[int]) -> str:
         sd = f" ± {np.std(vals, ddof=1):.1f}" if len(vals) > 1 else ""
         return float(np.mean(vals)), f"{np.mean(vals):.1f}{sd}"
 
+    commands = dict.fromkeys(" ".join(e.get("argv", [])) for e in record["tasks"].values())
     lines = ["# LoRA: lorabench vs HF PEFT on the local GLUE tasks (all-MiniLM-L6-v2)", "",
-             f"Command: `python bench/lora_vs_peft.py {' '.join(record['argv'])}`", "",
+             "Commands (GLUE_DIR=../shared/data/glue):", "",
+             *[f"    python bench/lora_vs_peft.py {c}".rstrip() for c in commands], "",
              f"LoRA r={args.rank}, alpha {args.alpha}, dropout {args.dropout} on all six maps of every block; lr "
              f"{args.lr}, batch {args.batch}, {args.epochs} epochs, warmup 6%, weight decay 0.01 on matrices, "
-             f"max length 128; a fixed random subset of {args.max_train} training examples (the whole set "
-             f"when smaller), full dev sets; seeds {', '.join(map(str, seeds))}. Scores: last-epoch dev "
-             f"metric ×100 (mean ± std over seeds). Baseline: majority class / mean prediction of the training "
-             f"labels.", "",
+             f"max length 128; a fixed random training subset of the size in the `train` column (`--max-train`; "
+             f"the whole set when smaller), full dev sets; seeds {', '.join(map(str, seeds))}. Both arms start "
+             f"from the same adapter A (B = 0) and head. Scores: last-epoch dev metric ×100 (mean ± std over "
+             f"seeds). Baseline: majority class / mean prediction of the training labels.", "",
              "| task | metric | train | dev | baseline | " + " | ".join(arms) + " | lorabench − peft |",
              "|---|---|---|---|---|" + "---|" * len(arms) + "---|"]
     for task, e in record["tasks"].items():

@@ -121,7 +121,9 @@ def build(config: str, args) -> tuple[nn.Module, list, list]:
         import peft
 
         head = freeze_backbone(model)
-        head_names = sorted({n.rsplit(".", 1)[0].split(".")[0] for n, _ in head})
+        from lorabench.export import head_module_names
+
+        head_names = head_module_names([n for n, _ in head])  # full paths: the pooler is bert.pooler.dense
         from lorabench.backbone import find_targets
 
         targets = [t.name.split(".", 1)[1] for t in find_targets(model, spec, budget.target_modules)]

@@ -54,6 +54,20 @@ def real_glue_dir() -> Path:
     return path
 
 
+def require(module: str):
+    """Import a dev dependency a test needs (an oracle such as peft, a launcher plugin). Where it is missing the
+    test is skipped locally, but in CI (CI set) it fails: a missing oracle must not pass silently."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        msg = f"{module} is not installed ({e}); `pip install -e \".[dev]\"`"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
 @pytest.fixture(scope="session")
 def fixture_glue_dir() -> Path:
     return FIXTURE_GLUE

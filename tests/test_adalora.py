@@ -24,7 +24,7 @@ from lorabench.errors import ConfigError
 from lorabench.methods.adalora import AdaLoraAllocator, SVDLinear, schedule_phase
 from lorabench.training.hooks import TrainState
 from lorabench.training.trainer import Trainer, TrainerConfig
-from conftest import REPO, TINY_SPEC_DICT, tiny_batch, tiny_bert
+from conftest import REPO, TINY_SPEC_DICT, require, tiny_batch, tiny_bert
 
 SPEC = ModelSpec.from_dict(TINY_SPEC_DICT)
 BUDGET = Budget("r4", 4)  # r_init = ceil(1.5 · 4) = 6; tiny_bert has 12 adapted matrices → b(0) = 72, b(T) = 48
@@ -141,7 +141,7 @@ def test_budget_numeric_check_and_shape():
 @pytest.mark.parametrize("T, ti, tf, dT", [(1000, 100, 300, 10), (37, 0, 0, 1), (50, 5, 20, 3), (23, 7, 9, 4)])
 def test_schedule_parity_with_peft(T, ti, tf, dT):
     """Parity (a): the same b(t) and the same mask / score-update decisions as peft's RankAllocator at every t."""
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     from peft.tuners.adalora.layer import RankAllocator
 
     base = tiny_bert()
@@ -336,7 +336,7 @@ def test_regularizer_is_fp32_under_autocast():
 def test_parity_with_peft_training():
     """Parity (b): copied P, λ, Q, the same batches, loss (task + γ · orth) and AdamW ⇒ at every step the same
     zero pattern of λ as peft's lora_E, close weights, and at the end peft's rank_pattern."""
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     T, ti, tf, dT, gamma = 30, 4, 10, 3, 0.5
     base = tiny_bert()
     ours = copy.deepcopy(base)
@@ -383,7 +383,7 @@ def test_parity_with_peft_training():
 
 
 def test_forward_parity_with_peft_svdlinear():
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     base = tiny_bert()
     ours = copy.deepcopy(base)
     m = _adalora(ours)
@@ -464,7 +464,7 @@ def test_ledger_counts_triplets():
 
 def test_to_peft_reproduces_the_adapter():
     """The export is a plain LoRA with per-module ranks (kept triplets, λ and α/r_init in B); empty modules go."""
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     base = tiny_bert()
     ours = copy.deepcopy(base)
     m = _adalora(ours)

@@ -80,3 +80,22 @@ def test_values_in_another_form_are_accepted():
     method = {"name": "lora", "alpha": "8", "use_rslora": "true", "dropout": 0}
     check_method_options(method)
     assert method == {"name": "lora", "alpha": 8.0, "use_rslora": True, "dropout": 0}
+
+
+def test_a_missing_oracle_fails_in_ci_and_skips_elsewhere(tmp_path):
+    """conftest.require: the PEFT parity tests must not pass silently where peft is missing in CI."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    (tmp_path / "test_needs.py").write_text(
+        "from conftest import require\n\ndef test_it():\n    require('no_such_oracle_module')\n")
+    (tmp_path / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
+    for ci, outcome in (("1", "1 failed"), ("", "1 skipped")):
+        env = {k: v for k, v in __import__("os").environ.items() if k != "CI"}
+        if ci:
+            env["CI"] = ci
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert outcome in p.stdout, p.stdout[-2000:]

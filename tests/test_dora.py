@@ -13,7 +13,7 @@ from lorabench import methods
 from lorabench.backbone import ModelSpec
 from lorabench.budget import Budget
 from lorabench.methods.dora import DoraLinear
-from conftest import TINY_SPEC_DICT, tiny_batch, tiny_bert
+from conftest import TINY_SPEC_DICT, require, tiny_batch, tiny_bert
 
 SPEC = ModelSpec.from_dict(TINY_SPEC_DICT)
 
@@ -251,7 +251,7 @@ def test_to_peft_export():
 # --- 7: parity with peft ----------------------------------------------------------------------------------------
 
 def _peft_twin(base_model, ours, rank, alpha, dropout=0.0, rslora=False):
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, use_dora=True,
                           target_modules=[t.replace("bert.", "", 1) for t in ours.layers])
     ref = peft.get_peft_model(copy.deepcopy(base_model), cfg)

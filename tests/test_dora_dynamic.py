@@ -20,7 +20,7 @@ from lorabench.methods.base import LowRankLinear
 from lorabench.methods.dora_dynamic import GatedLowRankLinear
 from lorabench.training.hooks import TrainerHook
 from lorabench.training.trainer import Trainer, TrainerConfig
-from conftest import TINY_SPEC_DICT, tiny_batch, tiny_bert
+from conftest import TINY_SPEC_DICT, require, tiny_batch, tiny_bert
 
 SPEC = ModelSpec.from_dict(TINY_SPEC_DICT)
 BUDGET = Budget("r4", 4)  # r′ = 6 on 12 matrices of tiny_bert: N = 72, target 48
@@ -369,7 +369,7 @@ def test_budget_report_counts_kept_components():
 
 
 def test_to_peft_reproduces_the_update():
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     base = tiny_bert()
     model, m = _attach(copy.deepcopy(base))
     _randomize(m, seed=16)

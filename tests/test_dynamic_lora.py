@@ -20,7 +20,7 @@ from lorabench.methods.dynamic_lora import (allocate_ranks, allocate_scale_weigh
                                             solve_clipped_scale)
 from lorabench.training.hooks import TrainerHook
 from lorabench.training.trainer import Trainer, TrainerConfig
-from conftest import TINY_SPEC_DICT, tiny_batch, tiny_bert
+from conftest import TINY_SPEC_DICT, require, tiny_batch, tiny_bert
 
 SPEC = ModelSpec.from_dict(TINY_SPEC_DICT)
 RANK, ALPHA = 4, 8.0
@@ -372,7 +372,7 @@ def test_merge_raises_with_active_gate(gate):
 
 @pytest.mark.parametrize("allocation", ["scale", "rank"])
 def test_to_peft_parity_with_gate_off(allocation):
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     base = tiny_bert()
     ours = copy.deepcopy(base)
     m = _dyn(ours, gate="none", allocation=allocation)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, require
 
 # 96 RTE examples, batch 8: 12 steps an epoch; 40 epochs = 480 steps, long enough to be caught mid-run
 COMMON = ["task=rte", "model=tiny", "budget=r4", "logger=none", "trainer.max_train_samples=96",
@@ -146,7 +146,7 @@ def test_submitit_job_preempted_is_requeued_and_resumes(tmp_path, real_glue_dir)
     """submitit's preemption signal (USR2, what SLURM sends before a preemption or the time limit), sent to a
     running job of `hydra/launcher=submitit_local`: the job checkpoints at the signal, submitit requeues it, and
     the requeued job resumes and ends exactly as an uninterrupted run."""
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    require("hydra_plugins.hydra_submitit_launcher")
     args = ["trainer.epochs=3"]
     sweep = tmp_path / "sweep"
     env = {**os.environ, **ENV, "GLUE_DIR": str(real_glue_dir)}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_train, table_rows
+from conftest import REPO, require, run_train, table_rows
 
 # 2 optimizer steps per job (32 examples, batch 16): dora_dynamic's schedule then has a warm-up/prune step and
 # a final step. log_every=1 so that train_log.jsonl holds the loss of every step.
@@ -264,7 +264,7 @@ def test_report_cli_names_half_written_and_missing_results(ok_sweep, tmp_path):
 
 def test_submitit_local_two_job_sweep(tmp_path, glue_env):
     """hydra/launcher=submitit_local: each job is pickled and runs in its own process; the report follows."""
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    require("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
     p = run_train(["-m", "hydra/launcher=submitit_local", "method=lora", "task=rte", "seed=1,2", *SMALL,
                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=glue_env)
@@ -291,8 +291,8 @@ def compose(overrides: list[str], hydra_cfg: bool = False, more: list[list[str]]
 
 
 def test_parallel_and_slurm_launcher_configs():
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    require("hydra_plugins.hydra_joblib_launcher")
+    require("hydra_plugins.hydra_submitit_launcher")
     from omegaconf import OmegaConf
 
     from lorabench.hydra_callback import threads_for_launcher
