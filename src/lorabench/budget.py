@@ -53,6 +53,8 @@ class Budget:
         from .validate import check_field_types
 
         check_field_types(self, "budget")
+        if not self.name:  # the budget group's YAMLs name no budget: it is r<rank>, whatever rank was set
+            object.__setattr__(self, "name", f"r{self.rank}")
         if self.match not in BUDGET_MATCHES:
             raise ConfigError(f"budget.match must be one of {', '.join(BUDGET_MATCHES)}, got {self.match!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -73,7 +75,7 @@ class Budget:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Budget":
         targets = d.get("target_modules", ALL_ROLES)
-        return cls(name=str(d.get("name") or f"r{d['rank']}"), rank=d["rank"],
+        return cls(name=str(d.get("name") or ""), rank=d["rank"],
                    target_modules=tuple(targets) if isinstance(targets, (list, tuple)) else targets,
                    init_ratio=d.get("init_ratio", 1.5), match=d.get("match", "rank"))
 

@@ -75,6 +75,8 @@ def run_configured_job(config: dict[str, Any] | Callable[[], dict[str, Any]], ou
             remove_setup_failure(Path(out_dir))
             print(f"error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
+        if hydra_error_message(e) is not None:  # a config that does not resolve: guard_hydra_main words it
+            remove_setup_failure(Path(out_dir))
         raise
     finally:
         _release_memory()
