@@ -221,6 +221,7 @@ def main(argv=None) -> int:
         record["tasks"] = {t: record["tasks"][t] for t in TASKS if t in record["tasks"]}  # GLUE order
         out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str))
         out.with_suffix(".md").write_text(render(record, args, arms, seeds))
+    out.with_suffix(".md").write_text(render(record, args, arms, seeds))
     print(render(record, args, arms, seeds))
     return 0
 
@@ -252,7 +253,8 @@ def render(record: dict, args, arms: list[str], seeds: list[int]) -> str:
         diff = f"{means['lorabench'] - means['peft']:+.1f}" if {"lorabench", "peft"} <= set(means) else ""
         lines.append(f"| {task} | {key.split('/', 1)[1]} | {e['n_train']} | {sum(e['n_dev'].values())} | "
                      f"{100 * e['baseline'][key]:.1f} | " + " | ".join(cells) + f" | {diff} |")
-    lines += ["", "Per epoch (first seed):", ""]
+    lines += ["", "Dev metric at each evaluation (first seed; the lorabench run evaluates as `python -m train` does, "
+              "every epoch or, with epochs over 200 steps, every tenth of the run: `trainer.eval_every=auto`):", ""]
     for task, e in record["tasks"].items():
         key = e["metric"]
         per = "; ".join(f"{arm} " + " / ".join(f"{100 * h[key]:.1f}" for h in e["runs"][arm][0]["history"])
