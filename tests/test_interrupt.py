@@ -178,3 +178,28 @@ def test_submitit_job_preempted_is_requeued_and_resumes(tmp_path, real_glue_dir)
     ref_r = _results(ref_dir)
     for key in ("best", "last", "history"):
         assert ref_r[key] == r[key], key
+
+
+def test_same_command_with_resume_true_continues_the_killed_default_directory(tmp_path, real_glue_dir):
+    """`python -m train ...` with the default time-stamped directory, killed by SIGTERM; the same command plus
+    trainer.resume=true continues that run (the newest resumable run of this configuration beside its own fresh
+    directory, which it removes)."""
+    args = ["trainer.epochs=3", f"paths.runs_dir={tmp_path / 'runs'}"]
+    env = {**os.environ, **ENV, "GLUE_DIR": str(real_glue_dir)}
+    p = subprocess.Popen([sys.executable, "-m", "train", *COMMON, *args], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parent = tmp_path / "runs" / "rte" / "lora"
+    t0 = time.monotonic()
+    while not list(parent.glob("*/train_log.jsonl")):
+        assert p.poll() is None and time.monotonic() - t0 < 120
+        time.sleep(0.01)
+    (run_dir,) = parent.iterdir()
+    rc, err = _signal_when_training(p, run_dir, signal.SIGTERM)
+    assert rc == 143, err[-3000:]
+    time.sleep(1.1)  # the resumed command's own time-stamped directory is another one
+    q = subprocess.run([sys.executable, "-m", "train", *COMMON, *args, "trainer.resume=true"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert q.returncode == 0, q.stderr[-3000:]
+    assert [d.name for d in parent.iterdir()] == [run_dir.name]
+    r = _results(run_dir)
+    assert r["status"] == "ok" and 1 <= r["resumed_from"]["step"] < 36 and r["timings"]["steps"] == 36

@@ -246,6 +246,15 @@ def prepare_run_dir(cfg: dict[str, Any], out_dir: Path) -> tuple[Path, ckpt.Resu
                           f"to continue: trainer.resume=<run dir>")
     run_dir = run_dir.resolve()
     found = ckpt.latest_checkpoint(run_dir)
+    if found is None and target == "":
+        # `trainer.resume=true` with the default time-stamped directory: this process just created a fresh one,
+        # so continue the newest resumable run of the same configuration beside it (the command that was
+        # killed, run again with trainer.resume=true)
+        sibling = _newest_resumable_sibling(run_dir, cfg)
+        if sibling is not None:
+            log.info("trainer.resume=true: continuing %s, the newest resumable run of this configuration", sibling)
+            _remove_if_fresh(run_dir)
+            run_dir, found = sibling, ckpt.latest_checkpoint(sibling)
     if found is None:
         hint = ("; with the default time-stamped run directory pass the run to continue: trainer.resume=<run dir>"
                 if target == "" else "")
@@ -261,6 +270,41 @@ def prepare_run_dir(cfg: dict[str, Any], out_dir: Path) -> tuple[Path, ckpt.Resu
             raise ConfigError(f"nothing to resume: the run in {run_dir} already finished (results.json status ok)")
     manifest = ckpt.check_resumable(found, cfg)
     return run_dir, ckpt.ResumePoint(run_dir=run_dir, ckpt_dir=found, step=int(manifest["step"]))
+
+
+# What a run directory holds before its job wrote anything: Hydra's files and the lock.
+_FRESH_DIR_FILES = {".hydra", "train.log", rundir.LOCK_NAME}
+
+
+def _newest_resumable_sibling(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
+    """The run beside a fresh `run_dir` (same runs/<task>/<method>/ folder) with the newest complete checkpoint
+    written by this same configuration and not finished; None when there is none."""
+    if not run_dir.parent.is_dir() or not {p.name for p in run_dir.iterdir()} <= _FRESH_DIR_FILES:
+        return None
+    candidates = []
+    for d in run_dir.parent.iterdir():
+        found = ckpt.latest_checkpoint(d) if d.is_dir() and d != run_dir else None
+        if found is None:
+            continue
+        try:
+            if json.loads((d / "results.json").read_text()).get("status") == "ok":
+                continue
+        except (OSError, ValueError):
+            pass  # killed before it wrote results.json: resumable
+        try:
+            ckpt.check_resumable(found, cfg)
+        except ConfigError:
+            continue  # another configuration's run
+        candidates.append(((found / ckpt.MANIFEST).stat().st_mtime, d.resolve()))
+    return max(candidates)[1] if candidates else None
+
+
+def _remove_if_fresh(run_dir: Path) -> None:
+    """Drop the directory Hydra made for this process when the job goes to another one (nothing written yet)."""
+    import shutil
+
+    if {p.name for p in run_dir.iterdir()} <= _FRESH_DIR_FILES:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _requeued_after_interrupt(run_dir: Path) -> bool:
