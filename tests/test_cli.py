@@ -87,8 +87,6 @@ def test_a_missing_oracle_fails_in_ci_and_skips_elsewhere(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
-
     (tmp_path / "test_needs.py").write_text(
         "from conftest import require\n\ndef test_it():\n    require('no_such_oracle_module')\n")
     (tmp_path / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
