@@ -70,12 +70,13 @@ def peft_arm(task: str, seed: int, args, data, tokenizer, spec, model_spec) -> d
     from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
     from lorabench.backbone import package_model_dir
+    from lorabench.export import head_module_names
 
     t0 = time.perf_counter()
     # which backbone modules train with the head is lorabench's rule (here: the untouched pooler); PEFT gets the
     # same list as modules_to_save, so the two arms differ in the adapter and the loop, not in the head
-    head_modules = sorted({n.rpartition(".")[0] for n, _ in head_parameters(
-        load_model(model_spec, spec.num_labels, spec.is_regression))})
+    head_modules = head_module_names([n for n, _ in head_parameters(
+        load_model(model_spec, spec.num_labels, spec.is_regression))])
     seed_everything(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         str(package_model_dir(model_spec.package)), num_labels=spec.num_labels,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError, LorabenchError, RunInterrupted
-from .rundir import LOCK_NAME
+from .rundir import FRESH_DIR_FILES
 
 log = logging.getLogger("lorabench")
 
@@ -83,7 +83,7 @@ def run_configured_job(config: dict[str, Any] | Callable[[], dict[str, Any]], ou
 
 
 # What a run directory holds when its job failed before training: Hydra's files and the failed record.
-_SETUP_ONLY = {".hydra", "results.json", "train.log", LOCK_NAME}
+_SETUP_ONLY = FRESH_DIR_FILES | {"results.json"}
 
 
 def remove_setup_failure(run_dir: Path) -> None:

@@ -15,6 +15,7 @@ imports Hydra.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -62,10 +63,7 @@ def count_sweep_jobs(command_line: list[str], grid: dict[str, Any]) -> int | Non
                 counts[o.get_key_element()] = len(list(o.sweep_iterator())) if o.is_sweep_override() else 1
     except Exception:  # a sweep syntax we do not count (ranges of floats, choice(...) forms): no total shown
         return None
-    total = 1
-    for n in counts.values():
-        total *= n
-    return total
+    return math.prod(counts.values())
 
 
 def print_main_table(report_md: Path) -> None:

@@ -164,8 +164,7 @@ def run_job(cfg: dict[str, Any], out_dir: str | Path, signals=None) -> dict[str,
         results["status"] = "interrupted"
         results.update({"signal": e.signal_name, "step": e.step, "total_steps": e.total_steps,
                         "wall_seconds": time.perf_counter() - t0})
-        if record_dir is not None and record_dir.is_dir() and os.access(record_dir, os.W_OK):
-            write_json_atomic(record_dir / "results.json", results)
+        _record(record_dir, results)
         raise
     except BaseException as e:
         results["status"] = "failed"
@@ -173,14 +172,19 @@ def run_job(cfg: dict[str, Any], out_dir: str | Path, signals=None) -> dict[str,
         results["error_type"] = type(e).__name__
         results["traceback"] = traceback.format_exc()
         results["wall_seconds"] = time.perf_counter() - t0
-        if record_dir is not None and record_dir.is_dir() and os.access(record_dir, os.W_OK):
-            write_json_atomic(record_dir / "results.json", results)
+        _record(record_dir, results)
         raise
     finally:
         if tracker_box:
             tracker_box[0].finish(results.get("status", "failed"))
         for d in locked:
             rundir.release(d)
+
+
+def _record(record_dir: Path | None, results: dict[str, Any]) -> None:
+    """results.json of a run that did not finish, where we may write it (None: a directory not ours to touch)."""
+    if record_dir is not None and record_dir.is_dir() and os.access(record_dir, os.W_OK):
+        write_json_atomic(record_dir / "results.json", results)
 
 
 def _lock(run_dir: Path, locked: list[Path]) -> None:
@@ -272,14 +276,10 @@ def prepare_run_dir(cfg: dict[str, Any], out_dir: Path) -> tuple[Path, ckpt.Resu
     return run_dir, ckpt.ResumePoint(run_dir=run_dir, ckpt_dir=found, step=int(manifest["step"]))
 
 
-# What a run directory holds before its job wrote anything: Hydra's files and the lock.
-_FRESH_DIR_FILES = {".hydra", "train.log", rundir.LOCK_NAME}
-
-
 def _newest_resumable_sibling(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
     """The run beside a fresh `run_dir` (same runs/<task>/<method>/ folder) with the newest complete checkpoint
     written by this same configuration and not finished; None when there is none."""
-    if not run_dir.parent.is_dir() or not {p.name for p in run_dir.iterdir()} <= _FRESH_DIR_FILES:
+    if not run_dir.parent.is_dir() or not {p.name for p in run_dir.iterdir()} <= rundir.FRESH_DIR_FILES:
         return None
     candidates = []
     for d in run_dir.parent.iterdir():
@@ -303,7 +303,7 @@ def _remove_if_fresh(run_dir: Path) -> None:
     """Drop the directory Hydra made for this process when the job goes to another one (nothing written yet)."""
     import shutil
 
-    if {p.name for p in run_dir.iterdir()} <= _FRESH_DIR_FILES:
+    if {p.name for p in run_dir.iterdir()} <= rundir.FRESH_DIR_FILES:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -37,6 +37,8 @@ except ImportError:  # pragma: no cover - not POSIX: no locking
     fcntl = None
 
 LOCK_NAME = ".lock"
+# What a run directory holds before its job wrote anything: Hydra's config and log, and the lock.
+FRESH_DIR_FILES = frozenset({".hydra", "train.log", LOCK_NAME})
 RESOLVER = "lorabench.unique_dir"
 
 _claimed: dict[str, str] = {}  # requested path → the directory this process created for it
