@@ -14,6 +14,7 @@ import torch
 from lorabench import methods
 from lorabench.backbone import ModelSpec, freeze_backbone
 from lorabench.budget import Budget
+from lorabench.methods.xgblora import booster_end_steps, cyclic_block_schedule
 from lorabench.data import BatchLoader, Collator, TokenizedSplit
 from lorabench.training.hooks import TrainerHook
 from lorabench.training.trainer import Trainer, TrainerConfig
@@ -25,7 +26,8 @@ ALPHA = 2.0  # rank 1 ⇒ s = α / 1
 
 def _cfg(**over):
     return {"name": "xgblora", "alpha": ALPHA, "steps_per_booster": 100, "layers_per_booster": None,
-            "shrinkage": 1.0, "booster_l2": 0.0, "dropout": 0.0, "sample_seed": 0, **over}
+            "shrinkage": 1.0, "booster_l2": 0.0, "dropout": 0.0, "sample_seed": 0, "block_sampling": "cyclic",
+            **over}
 
 
 def _xgb(model, **over):
@@ -135,7 +137,7 @@ def test_function_preserved_and_booster_count(total, kappa, caplog):
     assert tr.total_steps == total
     boundaries = [s for s in range(1, total + 1) if _is_boundary(s, kappa, total)]
     assert sorted(before.logits) == sorted(after.logits) == boundaries
-    assert m.booster_index + 1 == len(boundaries) + 1 == math.ceil(total / kappa) == m.planned_boosters
+    assert m.booster_index + 1 == len(boundaries) + 1 == math.ceil(total / kappa) == m.n_boosters
     for step in boundaries:
         # merge-and-reinit must not change the function (shrinkage 1)
         torch.testing.assert_close(after.logits[step], before.logits[step], rtol=1e-5, atol=1e-5)
@@ -143,7 +145,7 @@ def test_function_preserved_and_booster_count(total, kappa, caplog):
     assert not any(after.live_b_nonzero)  # every new booster starts at B = 0
     text = caplog.text
     assert text.count("merged booster") == len(boundaries)
-    assert f"-> {math.ceil(total / kappa)} boosters" in text
+    assert f"-> {math.ceil(total / kappa)} rank-1 boosters" in text
 
 
 def test_final_weight_is_w0_plus_sum_of_merged_deltas():
@@ -179,7 +181,7 @@ def test_new_booster_adam_moments_start_at_zero():
 
 def test_only_live_blocks_train_and_compute():
     model = tiny_bert(layers=6)
-    m = _xgb(model)  # L_s = ceil(6/3) = 2
+    m = _xgb(model, layers_per_booster=2)
     assert m.layers_per_booster == 2
     for _ in range(3):
         live = [n for n, layer in m.layers.items() if layer.active]
@@ -212,10 +214,12 @@ def _block_sequence(model, n=12, **over):
     return seq, a0
 
 
-def test_block_sampling_is_seeded_and_reproducible():
-    s1, a1 = _block_sequence(tiny_bert(layers=6), sample_seed=7)
-    s2, a2 = _block_sequence(tiny_bert(layers=6), sample_seed=7)
-    s3, _ = _block_sequence(tiny_bert(layers=6), sample_seed=8)
+@pytest.mark.parametrize("sampling", ["cyclic", "uniform"])
+def test_block_sampling_is_seeded_and_reproducible(sampling):
+    over = {"layers_per_booster": 2, "block_sampling": sampling}
+    s1, a1 = _block_sequence(tiny_bert(layers=6), sample_seed=7, **over)
+    s2, a2 = _block_sequence(tiny_bert(layers=6), sample_seed=7, **over)
+    s3, _ = _block_sequence(tiny_bert(layers=6), sample_seed=8, **over)
     assert s1 == s2 and s1 != s3
     assert a1.keys() == a2.keys() and all(torch.equal(a1[k], a2[k]) for k in a1)  # same A init too
     assert all(len(set(b)) == 2 and all(0 <= i < 6 for i in b) for b in s1)
@@ -225,17 +229,20 @@ def test_block_sampling_is_seeded_and_reproducible():
     for run_seed in (11, 11, 12):
         model = tiny_bert(layers=6)  # (tiny_bert seeds torch itself)
         torch.manual_seed(run_seed)
-        runs.append(_block_sequence(model, sample_seed=None)[0])
+        runs.append(_block_sequence(model, sample_seed=None, **over)[0])
     r1, r2, r3 = runs
     assert r1 == r2 and r1 != r3
 
 
-def test_degenerate_case_equals_rank1_lora_trained_then_merged():
-    """κ = K and L_s = L: one booster on every block for K steps == LoRA r=1 (same α, same init) merged."""
+@pytest.mark.parametrize("booster_rank", [1, 2])
+def test_degenerate_case_equals_rank1_lora_trained_then_merged(booster_rank):
+    """κ = K and L_s = L: one booster on every block for K steps == LoRA r=b (same α, same init) merged."""
     tcfg = _trainer_cfg(max_steps=8)
     xgb_model, lora_model = tiny_bert(), tiny_bert()
-    tr_x, m_x = _train_setup(xgb_model, _cfg(steps_per_booster=8, layers_per_booster=2), tcfg)
-    tr_l, m_l = _train_setup(lora_model, {"name": "lora", "alpha": ALPHA}, tcfg, budget=Budget("r1", 1))
+    tr_x, m_x = _train_setup(xgb_model, _cfg(steps_per_booster=8, layers_per_booster=2, booster_rank=booster_rank),
+                             tcfg)
+    tr_l, m_l = _train_setup(lora_model, {"name": "lora", "alpha": ALPHA}, tcfg,
+                             budget=Budget(f"r{booster_rank}", booster_rank))
     assert all(layer.active for layer in m_x.layers.values())
     with torch.no_grad():
         for name, layer in m_l.layers.items():
@@ -375,3 +382,105 @@ def test_bad_layers_per_booster_is_a_config_error():
 
     with pytest.raises(ConfigError, match="layers_per_booster"):
         _xgb(tiny_bert(), layers_per_booster=3)
+
+
+# --- revision 2 (methods.md §5.5) ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_blocks,per_booster", [(6, 2), (6, 4), (5, 2), (6, 6), (7, 3), (12, 5)])
+def test_cyclic_sampling_covers_every_block_equally(n_blocks, per_booster):
+    """After any number of boosters, no block has been adapted more than once more than another, and a booster
+    never holds a block twice."""
+    schedule = cyclic_block_schedule(n_blocks, per_booster, 40, sample_seed=3)
+    counts = [0] * n_blocks
+    for picks in schedule:
+        assert len(set(picks)) == per_booster and all(0 <= b < n_blocks for b in picks)
+        for b in picks:
+            counts[b] += 1
+        assert max(counts) - min(counts) <= 1, counts
+    # a prefix of a longer schedule is the shorter schedule (what exact resume relies on)
+    assert cyclic_block_schedule(n_blocks, per_booster, 7, sample_seed=3) == schedule[:7]
+    assert cyclic_block_schedule(n_blocks, per_booster, 40, sample_seed=4) != schedule or per_booster == n_blocks
+
+
+def test_uniform_sampling_can_leave_a_block_out_where_cyclic_cannot():
+    """§5.5's flaw of §5.3: with L_s = 2 of 6 and 3 boosters, uniform sampling misses some block for some seed."""
+    def missed(sampling, seed):
+        seq, _ = _block_sequence(tiny_bert(layers=6), n=3, sample_seed=seed, layers_per_booster=2,
+                                 block_sampling=sampling)
+        return len(set(range(6)) - {b for s in seq for b in s})
+
+    assert any(missed("uniform", seed) > 0 for seed in range(5))
+    assert all(missed("cyclic", seed) == 0 for seed in range(5))
+
+
+@pytest.mark.parametrize("total,n", [(12, 3), (10, 4), (9, 4), (7, 7), (3, 5), (345, 8)])
+def test_n_boosters_split_the_run_evenly(total, n):
+    ends = booster_end_steps(total, n, None)
+    assert len(ends) == min(n, total) and ends[-1] == total
+    lengths = [b - a for a, b in zip([0] + ends[:-1], ends)]
+    assert min(lengths) >= 1 and max(lengths) - min(lengths) <= 1
+    assert booster_end_steps(12, None, 5) == [5, 10, 12]  # κ overrides: §5.3's ⌈K/κ⌉ boosters
+
+
+@pytest.mark.parametrize("layers_per_booster,booster_rank", [(None, 1), (2, 1), (None, 2), (1, 4), (2, 3)])
+def test_default_boosters_store_at_most_lora_r(layers_per_booster, booster_rank):
+    """n_boosters = ⌊r·L/(b·L_s)⌋: the factored size at the end of a run equals LoRA-r's when that divides, and
+    never exceeds it; the ledger projects it and says so."""
+    rank, n_blocks = 4, 2
+    model = tiny_bert(layers=n_blocks)
+    cfg = _cfg(steps_per_booster=None, layers_per_booster=layers_per_booster, booster_rank=booster_rank)
+    m = methods.attach(model, SPEC, cfg, Budget("r4", rank))
+    lora = methods.attach(tiny_bert(layers=n_blocks), SPEC, {"name": "lora", "alpha": 16}, Budget("r4", rank))
+    lora_size = lora.ledger().stored_at_end
+    lpb = layers_per_booster or n_blocks
+    assert m.n_boosters == max(1, rank * n_blocks // (booster_rank * lpb))
+    m.set_total_steps(40)
+    for _ in range(m.n_boosters - 1):
+        m.next_booster()
+    ledger = m.ledger()
+    assert ledger.stored_at_end <= lora_size
+    assert ledger.notes["lora_factored_at_budget"] == lora_size
+    assert ledger.notes["projected_factored_at_end"] == ledger.stored_at_end
+    assert ledger.notes["projected_within_lora_budget"] is True
+    if (rank * n_blocks) % (booster_rank * lpb) == 0:
+        assert ledger.stored_at_end == lora_size
+
+
+def test_shipped_config_is_revision_2():
+    """The YAML decides the defaults a run gets: α = the LoRA arm's, n boosters from the budget, all blocks of a
+    ≤ 12-block encoder, cyclic sampling."""
+    import yaml
+    from conftest import REPO
+
+    cfg = yaml.safe_load((REPO / "conf" / "method" / "xgblora.yaml").read_text())
+    lora = yaml.safe_load((REPO / "conf" / "method" / "lora.yaml").read_text())
+    assert cfg["alpha"] == lora["alpha"]
+    m = methods.attach(tiny_bert(layers=2), SPEC, cfg, Budget("r8", 8))
+    assert (m.layers_per_booster, m.n_boosters, m.block_sampling, m.booster_rank) == (2, 8, "cyclic", 1)
+
+
+@pytest.mark.parametrize("booster_rank", [1, 2])
+def test_rank_b_boosters_preserve_function_and_reset(booster_rank):
+    """Booster rank > 1: the §5.4 invariants still hold (function kept at each merge, fresh B, Σ merged deltas)."""
+    model = tiny_bert()
+    batch = tiny_batch()
+    tr, m = _train_setup(model, _cfg(steps_per_booster=None, n_boosters=3, booster_rank=booster_rank,
+                                     alpha=4.0), _trainer_cfg(max_steps=9))
+    assert all(layer.lora_A.shape[0] == booster_rank for layer in m.layers.values())
+    seen = {}
+
+    class Probe(TrainerHook):
+        def after_optimizer_step(self, state):
+            seen.setdefault(state.step, []).append(_logits(model, batch))
+
+    tr.hooks.insert(0, Probe())
+    tr.hooks.append(Probe())
+    w0 = {n: layer.base.weight.detach().clone() for n, layer in m.layers.items()}
+    tr.fit()
+    assert m.end_steps == [3, 6, 9] and m.booster_index == 2
+    for step in (3, 6):
+        before, after = seen[step]
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    for name, layer in m.layers.items():
+        torch.testing.assert_close(layer.base.weight - w0[name], layer.merged_delta, rtol=1e-5, atol=1e-6)
+        assert int(layer.merged_boosters) == 2 and layer.effective_rank() == 3 * booster_rank

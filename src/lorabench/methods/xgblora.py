@@ -6,20 +6,26 @@ What is the paper's (methods.md §5.1; abstract and the public ICLR 2025 reviews
   - each booster sits on a randomly sampled subset of L_s layers; κ and K name the per-booster and total steps;
   - the merge has a step size α_t (a reviewer: a constant 1, our `shrinkage`); the booster objective has a norm
     penalty on A and B (our `booster_l2`, weight unknown).
-No public code exists. Everything concrete below is OUR design (methods.md §5.3) [ours]:
-  - K = the trainer's total optimizer steps; booster t covers steps (t−1)κ+1 … min(tκ, K), so there are exactly
-    ⌈K/κ⌉ boosters; after the optimizer step tκ < K the live booster is merged and a new one starts (a
+No public code exists. Everything concrete below is OUR design: methods.md §5.3, revised by §5.5 [ours]
+(revision 2; its defaults were then chosen by the ablation in bench/results/ablation_xgblora/):
+  - K = the trainer's total optimizer steps, split into `n_boosters` boosters of near-equal length (booster t
+    ends at step ⌊t·K/n⌋, so there are exactly n of them; `steps_per_booster` κ overrides this with the §5.3
+    rule, ⌈K/κ⌉ boosters of κ steps). The default n keeps the stored factored size at LoRA-r's (see
+    `default_n_boosters`). After each boundary step the live booster is merged and a new one starts (a
     TrainerHook); the last booster stays live at the end (merge() or the merged export folds it);
-  - a booster is a rank-1 LoRA (s = α/1) on every target matrix of L_s distinct encoder blocks, sampled
-    uniformly without replacement (default L_s = ⌈L/3⌉); A kaiming-uniform(a=√5), B = 0, so a new booster
-    leaves the function unchanged;
+  - a booster is a rank-`booster_rank` LoRA (default 1, the paper's; s = α / booster_rank, α defaults to the
+    LoRA arm's 16, since under Adam the function moves with α, not α/r: §5.5) on every target matrix of L_s
+    encoder blocks (default: all blocks up to 12, ⌈L/3⌉ beyond). `block_sampling: cyclic` walks random
+    permutations of the blocks L_s at a time, so every block is adapted equally often; `uniform` (§5.3) draws
+    L_s distinct blocks afresh per booster. A kaiming-uniform(a=√5), B = 0: a new booster leaves the function
+    unchanged;
   - the merge adds η·s·B_t A_t (η = `shrinkage`; with η ≠ 1 a boundary changes the function) to an fp32
     master delta per matrix and rewrites the weight from it, so a bf16 / fp16 backbone holds
     round(W0 + Σ_t ΔW_t) instead of a sum of rounded steps;
   - the new booster's Adam moments start at zero (state.reset_optimizer_state); the LR schedule is the
     trainer's one global schedule; the task head (owned by the trainer) trains throughout, never reset;
-  - sampling and the A init use a torch.Generator re-seeded per booster from (sample_seed, booster index), so
-    the pair is the complete RNG state (exact resume) and a run seed gives the same blocks every time.
+  - sampling and the A init are functions of (sample_seed, booster index) only, so the pair is the complete
+    RNG state (exact resume) and a run seed gives the same blocks every time.
 
 Implementation [ours]: every target matrix keeps a rank-1 (A, B) pair allocated; only the live booster's pairs
 have requires_grad and run in forward (inactive layers skip the branch). All pairs are handed to the optimizer
@@ -45,18 +51,18 @@ from .base import AdapterMethod, LowRankLinear, TargetInfo
 
 log = logging.getLogger("lorabench")
 
-BOOSTER_RANK = 1  # the paper's boosters are rank-1 (methods.md §5.1)
+BLOCK_SAMPLINGS = ("cyclic", "uniform")
 
 
 class BoosterLinear(LowRankLinear):
-    """A frozen `nn.Linear` carrying the merged boosters of the past and, when active, one live rank-1 booster.
+    """A frozen `nn.Linear` carrying the merged boosters of the past and, when active, one live booster.
 
     The effective weight is `W0 + merged_delta` (written into `base.weight`); the live booster adds
     `s·(drop(x) Aᵀ) Bᵀ` while the layer is active and not merged.
     """
 
-    def __init__(self, base: nn.Linear, alpha: float, dropout: float) -> None:
-        super().__init__(base, rank=BOOSTER_RANK, alpha=alpha, dropout=dropout)
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+        super().__init__(base, rank=rank, alpha=alpha, dropout=dropout)
         weight = base.weight
         # Σ of the merged boosters (fp32 master), what `adapter_state_dict` carries to a fresh backbone.
         self.register_buffer("merged_delta", torch.zeros(self.out_features, self.in_features,
@@ -139,11 +145,12 @@ class BoosterLinear(LowRankLinear):
         return y
 
     def booster_count(self) -> int:
-        """Boosters that touched this matrix (merged + live): an upper bound of rank(ΔW_total)."""
+        """Boosters that touched this matrix (merged + live)."""
         return int(self.merged_boosters.item()) + int(self.active)
 
     def effective_rank(self) -> int:
-        return self.booster_count()
+        """An upper bound of rank(ΔW_total): booster_rank per booster that touched the matrix."""
+        return self.booster_count() * self.rank
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, active={self.active}"
@@ -155,26 +162,87 @@ def _booster_generator(sample_seed: int, booster_index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _permutation_generator(sample_seed: int, cycle: int) -> torch.Generator:
+    """The RNG of the cyclic sampler's `cycle`-th permutation (a stream apart from the boosters' own)."""
+    seed = int(np.random.SeedSequence([int(sample_seed) % 2**64, 1, cycle]).generate_state(1, np.uint64)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+def cyclic_block_schedule(n_blocks: int, per_booster: int, n: int, sample_seed: int) -> list[list[int]]:
+    """Block indices (0…n_blocks−1) of boosters 0…n−1 under cyclic sampling without replacement [ours, §5.5].
+
+    The boosters consume a random permutation of the blocks `per_booster` at a time, and a fresh permutation when
+    it runs out, so after any number of boosters no block has been adapted more than once more than another. When
+    a permutation runs out in the middle of a booster, the next one lists the blocks this booster does not hold
+    yet first (each in random order), so a booster never holds a block twice and every permutation still covers
+    every block once.
+    """
+    if not 1 <= per_booster <= n_blocks:
+        raise ValueError(f"per_booster must be in [1, {n_blocks}], got {per_booster}")
+    order: list[int] = []
+    pos = cycle = 0
+    schedule = []
+    for _ in range(n):
+        picks: list[int] = []
+        while len(picks) < per_booster:
+            if pos == len(order):
+                g = _permutation_generator(sample_seed, cycle)
+                cycle += 1
+                fresh = [b for b in range(n_blocks) if b not in picks]
+                order = ([fresh[i] for i in torch.randperm(len(fresh), generator=g).tolist()]
+                         + [picks[i] for i in torch.randperm(len(picks), generator=g).tolist()])
+                pos = 0
+            picks.append(order[pos])
+            pos += 1
+        schedule.append(sorted(picks))
+    return schedule
+
+
+def default_n_boosters(rank: int, n_blocks: int, layers_per_booster: int, booster_rank: int) -> int:
+    """Boosters that keep the stored factored size at LoRA-`rank`'s [ours, §5.5]: LoRA stores r components on
+    each of the L blocks' matrices, a booster stores booster_rank on L_s blocks', so n = ⌊r·L / (b·L_s)⌋
+    (at least 1). With L_s = L and b = 1 that is n = r."""
+    return max(1, (rank * n_blocks) // (booster_rank * layers_per_booster))
+
+
+def booster_end_steps(total_steps: int, n_boosters: int | None, steps_per_booster: int | None) -> list[int]:
+    """The optimizer step at which each booster ends (the last one ends at K and is never merged in training).
+
+    `steps_per_booster` κ set: §5.3's ⌈K/κ⌉ boosters, the t-th ending at min(tκ, K). Otherwise `n_boosters`
+    boosters of near-equal length, the t-th ending at ⌊t·K/n⌋ (n capped at K so none is empty)."""
+    k = max(int(total_steps), 1)
+    if steps_per_booster is not None:
+        return [min(t * steps_per_booster, k) for t in range(1, math.ceil(k / steps_per_booster) + 1)]
+    n = min(int(n_boosters), k)
+    return [(t * k) // n for t in range(1, n + 1)]
+
+
 @register("xgblora")
 class XGBLoRA(AdapterMethod):
-    """Boosted rank-1 LoRA (methods.md §5.3 [ours]); see the module docstring for what is the paper's."""
+    """Boosted low-rank LoRA (methods.md §5.3 revised by §5.5 [ours]); the module docstring says what is the
+    paper's."""
 
     # only the active boosters compute a branch: a stacked q/k/v down-projection would be mostly wasted
     stack_shared_inputs = False
 
     # merging folds the live booster into the fp32 accumulated delta (a side effect a weight copy cannot undo),
-    # and the one live booster covers only L_s blocks: evaluate unmerged
+    # and the one live booster may cover only L_s blocks: evaluate unmerged
     merge_for_eval = False
 
     def __init__(self, config: dict[str, Any], budget) -> None:
         super().__init__(config, budget)
-        self.alpha = float(config.get("alpha", 2.0))
+        self.alpha = float(config.get("alpha", 16.0))
         self.dropout = float(config.get("dropout", 0.0))
-        self.steps_per_booster = int(config.get("steps_per_booster", 100))
-        if self.steps_per_booster < 1:
-            raise ConfigError(f"method.steps_per_booster must be >= 1, got {self.steps_per_booster}")
-        lpb = config.get("layers_per_booster")
-        self._layers_per_booster_cfg = None if lpb is None else int(lpb)
+        self.booster_rank = int(config.get("booster_rank", 1))
+        if self.booster_rank < 1:
+            raise ConfigError(f"method.booster_rank must be >= 1, got {self.booster_rank}")
+        self._n_boosters_cfg = self._optional_count(config, "n_boosters")
+        self._steps_per_booster_cfg = self._optional_count(config, "steps_per_booster")
+        self._layers_per_booster_cfg = self._optional_count(config, "layers_per_booster")
+        self.block_sampling = str(config.get("block_sampling", "cyclic"))
+        if self.block_sampling not in BLOCK_SAMPLINGS:
+            raise ConfigError(f"method.block_sampling must be one of {', '.join(BLOCK_SAMPLINGS)}, "
+                              f"got {self.block_sampling!r}")
         self.shrinkage = float(config.get("shrinkage", 1.0))
         if not self.shrinkage > 0:
             raise ConfigError(f"method.shrinkage must be > 0, got {self.shrinkage}")
@@ -187,30 +255,58 @@ class XGBLoRA(AdapterMethod):
         self.sample_seed = int(seed) if seed is not None else torch.initial_seed()
         self.blocks: list[int] = []  # distinct encoder blocks holding targets
         self.layers_per_booster = 0
+        self.n_boosters = 0  # planned boosters (from the config; with κ set, known once K is)
         self.booster_index = 0  # 0-based index of the live booster
         self.active_blocks: list[int] = []
         self.total_steps: int | None = None
+        self.end_steps: list[int] = []  # step at which each booster ends, once K is known
+
+    @staticmethod
+    def _optional_count(config: dict[str, Any], key: str) -> int | None:
+        value = config.get(key)
+        if value is None:
+            return None
+        if int(value) < 1:
+            raise ConfigError(f"method.{key} must be >= 1 or null, got {value}")
+        return int(value)
 
     # --- building -----------------------------------------------------------------------------------
     def make_layer(self, base: nn.Linear, target: TargetInfo) -> nn.Module:
-        return BoosterLinear(base, alpha=self.alpha, dropout=self.dropout)
+        return BoosterLinear(base, rank=self.booster_rank, alpha=self.alpha, dropout=self.dropout)
 
     def after_attach(self, model: nn.Module) -> None:
         self.blocks = sorted({t.layer_index for t in self.targets.values()})
         n_blocks = len(self.blocks)
+        default_lpb = n_blocks if n_blocks <= 12 else math.ceil(n_blocks / 3)
         lpb = self._layers_per_booster_cfg
-        self.layers_per_booster = math.ceil(n_blocks / 3) if lpb is None else lpb
+        self.layers_per_booster = default_lpb if lpb is None else lpb
         if not 1 <= self.layers_per_booster <= n_blocks:
             raise ConfigError(f"method.layers_per_booster must be in [1, {n_blocks}] (the model's adapted blocks), "
-                              f"got {self.layers_per_booster}; null means ceil(L/3) = {math.ceil(n_blocks / 3)}")
+                              f"got {self.layers_per_booster}; null means {default_lpb} (all blocks up to 12, "
+                              f"ceil(L/3) beyond)")
+        self.n_boosters = self._n_boosters_cfg or default_n_boosters(self.budget.rank, n_blocks,
+                                                                      self.layers_per_booster, self.booster_rank)
         self._start_booster(0)
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """K is known (the trainer's on_train_begin): fix where each booster ends."""
+        self.total_steps = int(total_steps)
+        self.end_steps = booster_end_steps(self.total_steps, self.n_boosters, self._steps_per_booster_cfg)
+        self.n_boosters = len(self.end_steps)
+
+    def blocks_of(self, index: int, generator: torch.Generator) -> list[int]:
+        """The encoder blocks of booster `index` (uniform sampling draws them from the booster's generator)."""
+        if self.block_sampling == "uniform":
+            picks = torch.randperm(len(self.blocks), generator=generator)[: self.layers_per_booster].tolist()
+        else:
+            picks = cyclic_block_schedule(len(self.blocks), self.layers_per_booster, index + 1, self.sample_seed)[-1]
+        return sorted(self.blocks[i] for i in picks)
+
     def _start_booster(self, index: int) -> list[nn.Parameter]:
-        """Sample L_s blocks for booster `index` and initialize their pairs; returns the new booster's params."""
+        """Pick the blocks of booster `index` and initialize their pairs; returns the new booster's params."""
         g = _booster_generator(self.sample_seed, index)
-        picks = torch.randperm(len(self.blocks), generator=g)[: self.layers_per_booster]
         self.booster_index = index
-        self.active_blocks = sorted(self.blocks[i] for i in picks.tolist())
+        self.active_blocks = self.blocks_of(index, g)
         chosen = set(self.active_blocks)
         params = []
         for name, layer in self.layers.items():  # model order, so the A draws are reproducible
@@ -231,10 +327,12 @@ class XGBLoRA(AdapterMethod):
                 retired += [layer.lora_A, layer.lora_B]
         return retired + self._start_booster(self.booster_index + 1)
 
-    @property
-    def planned_boosters(self) -> int | None:
-        """⌈K/κ⌉ once the trainer has said K."""
-        return None if self.total_steps is None else math.ceil(self.total_steps / self.steps_per_booster)
+    def booster_ends_at(self, step: int) -> bool:
+        """Whether the live booster's last step is `step` (or already behind it) and another booster follows.
+        `>=` rather than `==`: a step the fp16 scaler skipped (no hook call) delays the boundary by one step
+        instead of merging two boosters into one."""
+        i = self.booster_index
+        return i + 1 < len(self.end_steps) and step >= self.end_steps[i] and step < self.total_steps
 
     # --- what the trainer uses ----------------------------------------------------------------------
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -264,34 +362,41 @@ class XGBLoRA(AdapterMethod):
     # --- results contract ---------------------------------------------------------------------------
     def ledger_row(self, name: str, layer: nn.Module) -> LedgerRow:
         d_in, d_out = layer.in_features, layer.out_features
-        boosters = layer.booster_count()
-        # stored_at_end = the factored sum of the boosters, Σ_t (d_in + d_out) over the boosters touching this
+        # stored_at_end = the factored sum of the boosters, Σ_t b·(d_in + d_out) over the boosters touching this
         # matrix: the parameter count of the update as the method builds it (the dense alternative is in notes).
-        return LedgerRow(name=name, d_in=d_in, d_out=d_out, rank=boosters,
-                         trainable_now=(d_in + d_out) * BOOSTER_RANK if layer.active else 0,
-                         stored_at_end=boosters * BOOSTER_RANK * (d_in + d_out))
+        return LedgerRow(name=name, d_in=d_in, d_out=d_out, rank=layer.effective_rank(),
+                         trainable_now=layer.rank * (d_in + d_out) if layer.active else 0,
+                         stored_at_end=layer.effective_rank() * (d_in + d_out))
 
     def ledger(self) -> Ledger:
         ledger = super().ledger()
         touched = [r for r in ledger.rows if r.rank > 0]
         per_block = sum(r.d_in + r.d_out for r in ledger.rows) / max(len(self.blocks), 1)
-        planned = self.planned_boosters
+        projected = int(round(self.n_boosters * self.layers_per_booster * per_block * self.booster_rank))
+        lora_size = self.budget.rank * sum(r.d_in + r.d_out for r in ledger.rows)
         ledger.notes = {
-            "stored_at_end": "factored: sum over boosters of (d_in + d_out) per matrix they touched (merged + live)",
+            "stored_at_end": "factored: sum over boosters of booster_rank*(d_in + d_out) per matrix they touched "
+                             "(merged + live)",
             "stored_factored": ledger.stored_at_end,
             "stored_dense": sum(r.d_in * r.d_out for r in touched),
             "stored_dense_note": "the update as dense d_in*d_out deltas of the touched matrices (what "
                                  "adapter_state_dict and the merged export actually hold)",
             "trainable_per_step": ledger.trainable_now,
             "booster": self.booster_index + 1,
-            "planned_boosters": planned,
-            "projected_factored_at_end": None if planned is None else int(round(planned * self.layers_per_booster
-                                                                                 * per_block * BOOSTER_RANK)),
-            "steps_per_booster": self.steps_per_booster,
+            "planned_boosters": self.n_boosters,
+            "projected_factored_at_end": projected,
+            "lora_factored_at_budget": lora_size,
+            "projected_within_lora_budget": projected <= lora_size,
+            "booster_rank": self.booster_rank,
+            "steps_per_booster": (self._steps_per_booster_cfg if self._steps_per_booster_cfg is not None
+                                  else (None if self.total_steps is None
+                                        else round(self.total_steps / max(self.n_boosters, 1), 1))),
             "layers_per_booster": self.layers_per_booster,
+            "block_sampling": self.block_sampling,
             "blocks": len(self.blocks),
             "active_blocks": list(self.active_blocks),
-            "design": "methods.md §5.3 [ours]; rank-1 boosters on L_s random blocks, merged every κ steps",
+            "design": "methods.md §5.3 + §5.5 revision 2 [ours]: low-rank boosters on L_s blocks (cyclic), "
+                      "n boosters over the run, merged at each boundary",
         }
         return ledger
 
@@ -314,10 +419,11 @@ class XGBLoRA(AdapterMethod):
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        # (sample_seed, booster_index) is the whole RNG state: each booster re-seeds its own generator.
+        # (sample_seed, booster_index) is the whole RNG state: each booster re-seeds its own generator and the
+        # cyclic schedule is recomputed from the seed.
         return {"booster_index": self.booster_index, "active_blocks": list(self.active_blocks),
                 "sample_seed": self.sample_seed, "layers_per_booster": self.layers_per_booster,
-                "steps_per_booster": self.steps_per_booster, "total_steps": self.total_steps}
+                "n_boosters": self.n_boosters, "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
@@ -325,42 +431,42 @@ class XGBLoRA(AdapterMethod):
         self.booster_index = int(state["booster_index"])
         self.sample_seed = int(state["sample_seed"])
         self.layers_per_booster = int(state["layers_per_booster"])
+        self.n_boosters = int(state.get("n_boosters", self.n_boosters))
         if state.get("total_steps") is not None:
-            self.total_steps = int(state["total_steps"])
+            self.set_total_steps(int(state["total_steps"]))
         self.active_blocks = sorted(int(b) for b in state["active_blocks"])
         chosen = set(self.active_blocks)
         for name, layer in self.layers.items():  # the pairs themselves come back with the adapter tensors
             layer.set_active(self.targets[name].layer_index in chosen)
 
     def describe(self) -> str:
-        return (f"xgblora (rank-1 boosters, κ={self.steps_per_booster}, L_s={self.layers_per_booster} of "
-                f"{len(self.blocks)} blocks)")
+        return (f"xgblora ({self.n_boosters} rank-{self.booster_rank} boosters, L_s={self.layers_per_booster} of "
+                f"{len(self.blocks)} blocks, {self.block_sampling})")
 
 
 class BoostingHook(TrainerHook):
-    """At step tκ < K (after the optimizer step): merge the live booster, start the next, reset its Adam state."""
+    """At each booster's last step (after the optimizer step): merge it, start the next, reset its Adam state."""
 
     def __init__(self, method: XGBLoRA) -> None:
         self.method = method
 
     def on_train_begin(self, state: TrainState) -> None:
         m = self.method
-        m.total_steps = state.total_steps
-        log.info("xgblora: %d steps -> %d boosters of %d steps, %d of %d blocks each (sample seed %d); "
-                 "booster %d on blocks %s", state.total_steps, m.planned_boosters, m.steps_per_booster,
-                 m.layers_per_booster, len(m.blocks), m.sample_seed, m.booster_index + 1, m.active_blocks)
+        m.set_total_steps(state.total_steps)
+        log.info("xgblora: %d steps -> %d rank-%d boosters (~%.0f steps each), %d of %d blocks each, %s sampling "
+                 "(sample seed %d); booster %d on blocks %s", state.total_steps, m.n_boosters, m.booster_rank,
+                 state.total_steps / max(m.n_boosters, 1), m.layers_per_booster, len(m.blocks), m.block_sampling,
+                 m.sample_seed, m.booster_index + 1, m.active_blocks)
 
     def after_optimizer_step(self, state: TrainState) -> None:
         m = self.method
-        # Booster t ends at step tκ; `>=` rather than `%` so that a step the fp16 scaler skipped (no hook call)
-        # delays the boundary by one step instead of merging it into the next booster.
-        if state.step >= state.total_steps or state.step < (m.booster_index + 1) * m.steps_per_booster:
+        if not m.booster_ends_at(state.step):
             return
         merged_blocks = list(m.active_blocks)
         params = m.next_booster()
         state.reset_optimizer_state(params)
-        log.info("xgblora step %d: merged booster %d (blocks %s); booster %d/%s on blocks %s", state.step,
-                 m.booster_index, merged_blocks, m.booster_index + 1, m.planned_boosters, m.active_blocks)
+        log.info("xgblora step %d: merged booster %d (blocks %s); booster %d/%d on blocks %s", state.step,
+                 m.booster_index, merged_blocks, m.booster_index + 1, m.n_boosters, m.active_blocks)
 
     def progress(self) -> dict[str, Any]:
         return self.method.progress()
