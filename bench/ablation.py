@@ -1,0 +1,161 @@
+"""The xgblora / dynamic_lora ablations (issue 13): named arms × tasks × seeds, one `python -m train` per job.
+
+Each arm is a list of overrides on top of the common protocol (the LoRA arm's trainer settings: same lr, epochs,
+batch and sequence length for every arm). Jobs run `--jobs` at a time with one torch thread each: on two cores
+that is 1.26× the throughput of one job with two threads (measured in the README next to the results). A job
+whose results.json says "ok" is skipped, so the script can be killed and re-run to finish later; the order puts
+the arms the acceptance needs first. When the queue is done (or with --report-only) every study's report is
+rebuilt with `python -m report`.
+
+  python bench/ablation.py                              # every arm of both studies, 3 seeds, MRPC + SST-2 4k
+  python bench/ablation.py --arms lora,xgb_rev2 --seeds 1
+  python bench/ablation.py --list                       # the arms and their overrides
+  python bench/ablation.py --report-only
+
+Runs land in bench/results/ablation_<study>/runs/<arm>/<task>_s<seed>/ (results.json, metrics.jsonl,
+train_log.jsonl and .hydra/ are committed; adapter weights are git-ignored). The LoRA arm is shared: it runs once
+under ablation_xgblora and is copied into ablation_dynamic_lora for that report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"  # --results moves it (e.g. run a frozen worktree, write into the checkout)
+
+COMMON = ["trainer.epochs=3", "logger=none", "trainer.progress_bar=false", "budget=r8"]
+TASKS = {"mrpc": [], "sst2": ["trainer.max_train_samples=4000"]}
+
+# arm name -> (study, overrides). Order = run priority (the acceptance's arms first).
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "lora": ("xgblora", ["method=lora"]),
+    "xgb_rev2": ("xgblora", ["method=xgblora"]),
+    "dyn_rev2": ("dynamic_lora", ["method=dynamic_lora"]),
+    "xgb_rev1": ("xgblora", ["method=xgblora", "method.alpha=2", "method.steps_per_booster=100",
+                             "method.layers_per_booster=2", "method.block_sampling=uniform"]),
+    "dyn_scale_only": ("dynamic_lora", ["method=dynamic_lora", "method.gate=none"]),
+    "dyn_gate_only": ("dynamic_lora", ["method=dynamic_lora", "method.allocation=none"]),
+    "xgb_rank2": ("xgblora", ["method=xgblora", "method.booster_rank=2"]),
+    "dyn_weighted_importance": ("dynamic_lora", ["method=dynamic_lora", "method.unweighted_importance=false"]),
+    "dyn_no_preserve": ("dynamic_lora", ["method=dynamic_lora", "method.preserve_function=false"]),
+    "xgb_alpha8": ("xgblora", ["method=xgblora", "method.alpha=8"]),
+    "xgb_ls2": ("xgblora", ["method=xgblora", "method.layers_per_booster=2"]),
+    "xgb_n16": ("xgblora", ["method=xgblora", "method.n_boosters=16"]),
+    "xgb_rank4": ("xgblora", ["method=xgblora", "method.booster_rank=4"]),
+    "dyn_rev1": ("dynamic_lora", ["method=dynamic_lora", "method.unweighted_importance=false",
+                                  "method.preserve_function=false", "method.beta=0.85", "method.realloc_interval=100",
+                                  "method.w_min=0.25", "method.w_max=4", "method.gate_scale=1"]),
+}
+SHARED = {"lora": ["dynamic_lora"]}  # arm -> other studies whose report includes it
+
+
+def job_dir(arm: str, task: str, seed: int) -> Path:
+    return RESULTS / f"ablation_{ARMS[arm][0]}" / "runs" / arm / f"{task}_s{seed}"
+
+
+def done(path: Path) -> bool:
+    try:
+        return json.loads((path / "results.json").read_text()).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+
+
+def command(arm: str, task: str, seed: int) -> list[str]:
+    return [sys.executable, "-m", "train", f"task={task}", f"seed={seed}", *COMMON, *TASKS[task], *ARMS[arm][1],
+            f"hydra.run.dir={job_dir(arm, task, seed)}"]
+
+
+def run_queue(queue: list[tuple[str, str, int]], jobs: int) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(REPO / "src")}
+    running: dict[subprocess.Popen, tuple[str, str, int, float]] = {}
+    failed = 0
+    draining = False
+
+    def drain(*_):  # SIGUSR1: start nothing new, exit once the running jobs end
+        nonlocal draining
+        draining = True
+        print("draining: no new jobs", flush=True)
+
+    signal.signal(signal.SIGUSR1, drain)
+    pending = list(queue)
+    while pending or running:
+        while pending and len(running) < jobs and not draining:
+            arm, task, seed = pending.pop(0)
+            path = job_dir(arm, task, seed)
+            if path.exists():  # a killed attempt: start clean (train.py would refuse a used run directory)
+                shutil.rmtree(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(path.parent / f"{task}_s{seed}.log", "w")
+            proc = subprocess.Popen(command(arm, task, seed), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            log.close()  # the child holds its own handle
+            running[proc] = (arm, task, seed, time.time())
+            print(f"start {arm} {task} s{seed} ({len(pending)} queued)", flush=True)
+        if draining:
+            pending.clear()
+        time.sleep(2)
+        for proc in [p for p in running if p.poll() is not None]:
+            arm, task, seed, t0 = running.pop(proc)
+            ok = proc.returncode == 0 and done(job_dir(arm, task, seed))
+            failed += not ok
+            print(f"{'done' if ok else 'FAILED'} {arm} {task} s{seed} in {time.time() - t0:.0f} s", flush=True)
+    return failed
+
+
+def report(study: str) -> None:
+    root = RESULTS / f"ablation_{study}"
+    for arm, others in SHARED.items():
+        if study in others:
+            src = RESULTS / f"ablation_{ARMS[arm][0]}" / "runs" / arm
+            if src.exists():
+                dst = root / "runs" / arm
+                shutil.rmtree(dst, ignore_errors=True)
+                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("adapter", "checkpoints"))
+    if (root / "runs").exists():
+        subprocess.run([sys.executable, "-m", "report", str(root / "runs"), "--out", str(root)], cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")}, check=False)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names (default: all, in order)")
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--jobs", type=int, default=2, help="jobs at once, one torch thread each")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--results", default=None, help="where the ablation_<study>/ folders go (default bench/results)")
+    args = ap.parse_args()
+    if args.results:
+        global RESULTS
+        RESULTS = Path(args.results).resolve()
+    arms = args.arms.split(",")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        ap.error(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+    if args.list:
+        for arm in arms:
+            print(f"{arm:26s} {ARMS[arm][0]:13s} {' '.join(ARMS[arm][1])}")
+        return 0
+    failed = 0
+    if not args.report_only:
+        queue = [(arm, task, int(seed)) for arm in arms for seed in args.seeds.split(",")
+                 for task in args.tasks.split(",") if not done(job_dir(arm, task, int(seed)))]
+        print(f"{len(queue)} jobs to run", flush=True)
+        failed = run_queue(queue, args.jobs)
+    for study in sorted({ARMS[a][0] for a in arms} | {s for a in arms for s in SHARED.get(a, [])}):
+        report(study)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
