@@ -17,7 +17,7 @@ from lorabench.budget import Budget
 from lorabench.data import BatchLoader, Collator, TokenizedSplit
 from lorabench.errors import ConfigError
 from lorabench.methods.dynamic_lora import (allocate_ranks, allocate_scale_weights, is_realloc_step,
-                                            solve_clipped_scale)
+                                            solve_clipped_scale, spread_interval)
 from lorabench.training.hooks import TrainerHook
 from lorabench.training.trainer import Trainer, TrainerConfig
 from conftest import TINY_SPEC_DICT, require, tiny_batch, tiny_bert
@@ -25,12 +25,14 @@ from conftest import TINY_SPEC_DICT, require, tiny_batch, tiny_bert
 SPEC = ModelSpec.from_dict(TINY_SPEC_DICT)
 RANK, ALPHA = 4, 8.0
 S = ALPHA / RANK
+GAMMA = 0.5  # the gate's bound γ: g = 1 + γ tanh(·)
 
 
 def _cfg(**over):
     return {"name": "dynamic_lora", "alpha": ALPHA, "dropout": 0.0, "beta": 0.85, "realloc_interval": 100,
-            "warmup_frac": 0.1, "freeze_frac": 0.2, "tau": 1.0, "w_min": 0.25, "w_max": 4.0, "rho": 0.5,
-            "allocation": "scale", "gate": "token", **over}
+            "n_events": 10, "warmup_frac": 0.1, "freeze_frac": 0.2, "tau": 1.0, "w_min": 0.25, "w_max": 4.0,
+            "rho": 0.5, "allocation": "scale", "gate": "token", "gate_scale": GAMMA, "gate_l2": 0.0,
+            "unweighted_importance": True, "preserve_function": True, **over}
 
 
 def _dyn(model, budget=Budget("b", RANK), **over):
@@ -118,11 +120,11 @@ def test_layer_matches_formula(gate):
     assert w != 1.0
     lora = (x @ layer.lora_A.T) @ layer.lora_B.T
     if gate == "token":
-        g = 1 + torch.tanh(x @ layer.gate_u / math.sqrt(32) + layer.gate_v)
+        g = 1 + GAMMA * torch.tanh(x @ layer.gate_u / math.sqrt(32) + layer.gate_v)
         g = g.unsqueeze(-1)
     elif gate == "sequence":
         xbar = (x * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
-        g = (1 + torch.tanh(xbar @ layer.gate_u / math.sqrt(32) + layer.gate_v)).view(3, 1, 1)
+        g = (1 + GAMMA * torch.tanh(xbar @ layer.gate_u / math.sqrt(32) + layer.gate_v)).view(3, 1, 1)
     else:
         g = 1.0
     expected = x @ W0.T + b + S * w * g * lora
@@ -181,13 +183,14 @@ def test_uniform_or_zero_importance_gives_unit_weights():
                           torch.ones(6, dtype=torch.float64))
 
 
-def _run_training(allocation, gate="token", total=20, interval=3, caplog=None):
+def _run_training(allocation, gate="token", total=20, interval=3, caplog=None, **over):
     """Trainer on tiny_bert; a recorder after the method's hook snapshots the allocation every step."""
     model = tiny_bert()
     model.train()
     head = freeze_backbone(model)
     budget = Budget("b", RANK, init_ratio=1.5)
-    m = methods.attach(model, SPEC, _cfg(allocation=allocation, gate=gate, realloc_interval=interval), budget)
+    m = methods.attach(model, SPEC, _cfg(allocation=allocation, gate=gate, realloc_interval=interval, **over),
+                       budget)
 
     class Snapshot(TrainerHook):
         def __init__(self):
@@ -315,10 +318,14 @@ def test_masked_components_contribute_zero():
         torch.testing.assert_close(model(**batch).logits, ref_logits, rtol=0, atol=0)
 
 
-def test_importance_ema_matches_formula():
+@pytest.mark.parametrize("unweighted", [True, False])
+def test_importance_ema_matches_formula(unweighted):
+    """I ← β I + (1−β) mean|θ ∂L/∂θ|, divided by w_ℓ when scoring the unweighted branch (§6.4.1)."""
     model = tiny_bert()
-    m = _dyn(model)
+    m = _dyn(model, unweighted_importance=unweighted)
     _randomize(m, seed=6, gate=False)
+    _set_weights(m, seed=2)
+    w = m.weights.clone()
     layers = list(m.layers.values())
     g = torch.Generator().manual_seed(1)
     expected = torch.zeros(len(layers), dtype=torch.float64)
@@ -330,7 +337,7 @@ def test_importance_ema_matches_formula():
         for i, layer in enumerate(layers):
             total = sum(float((p.detach() * p.grad).abs().sum()) for p in (layer.lora_A, layer.lora_B))
             mean = total / (layer.lora_A.numel() + layer.lora_B.numel())
-            expected[i] = 0.85 * expected[i] + 0.15 * mean
+            expected[i] = 0.85 * expected[i] + 0.15 * (mean / float(w[i]) if unweighted else mean)
     torch.testing.assert_close(m.importance_now(), expected, rtol=1e-5, atol=0)
 
 
@@ -442,3 +449,176 @@ def test_bad_options_are_config_errors():
         _dyn(tiny_bert(), gate="channel")
     with pytest.raises(ConfigError, match="w_min"):
         _dyn(tiny_bert(), w_min=1.5)
+
+
+# --- revision 2 (methods.md §6.4) ---------------------------------------------------------------------------
+
+class _EventProbe(TrainerHook):
+    """Placed before and after the method's hook: logits, w, B and B's Adam moments around every step."""
+
+    def __init__(self, model, method, batch):
+        self.model, self.method, self.batch = model, method, batch
+        self.seen = {}
+
+    def after_optimizer_step(self, state):
+        layers = list(self.method.layers.values())
+        self.seen.setdefault(state.step, []).append({
+            "logits": _eval_logits(self.model, self.batch),
+            "w": self.method.weights.clone(),
+            "B": [layer.lora_B.detach().clone() for layer in layers],
+            "m": [state.optimizer.state[layer.lora_B]["exp_avg"].clone() for layer in layers],
+            "v": [state.optimizer.state[layer.lora_B]["exp_avg_sq"].clone() for layer in layers]})
+
+
+@torch.no_grad()
+def _eval_logits(model, batch):
+    was = model.training
+    model.eval()
+    out = model(**batch).logits.clone()
+    model.train(was)
+    return out
+
+
+def _train_with_probe(preserve, total=16, interval=4, lr=1e-2):
+    model = tiny_bert()
+    model.train()
+    head = freeze_backbone(model)
+    m = methods.attach(model, SPEC, _cfg(realloc_interval=interval, preserve_function=preserve), Budget("b", RANK))
+    batch = tiny_batch()
+    before, after = _EventProbe(model, m, batch), _EventProbe(model, m, batch)
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 128, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
+           for _ in range(16)]
+    loader = BatchLoader(TokenizedSplit(ids, None, [i % 2 for i in range(16)], False), 4, Collator(0), seed=1)
+    tcfg = TrainerConfig(epochs=total // 4, batch_size=4, progress_bar=False, lr=lr, warmup_ratio=0.0)
+    tr = Trainer(tcfg, model, list(m.named_trainable_parameters()) + head, loader,
+                 lambda mdl: {"eval/accuracy": 0.5}, "accuracy", hooks=[before, *m.hooks(), after],
+                 head_param_names=[n for n, _ in head])
+    tr.fit()
+    events = [t for t in range(1, total + 1) if is_realloc_step(t, total, interval, 0.1, 0.2)]
+    return m, before.seen, after.seen, events
+
+
+def test_reallocation_preserves_function_and_rescales_b_and_its_moments():
+    """At an event w_old → w_new: logits unchanged (1e-5), B ← B·w_old/w_new, Adam first moment × w_new/w_old and
+    second × (w_new/w_old)² (the gradient units of the new parametrization)."""
+    m, before, after, events = _train_with_probe(preserve=True)
+    assert events == [6, 10] and m.n_realloc == 2
+    for step in events:
+        b, a = before[step][0], after[step][-1]
+        assert not torch.equal(b["w"], a["w"])  # the event did move w
+        torch.testing.assert_close(a["logits"], b["logits"], rtol=1e-5, atol=1e-5)
+        for i, (w_old, w_new) in enumerate(zip(b["w"].tolist(), a["w"].tolist())):
+            c = w_new / w_old
+            torch.testing.assert_close(a["B"][i], b["B"][i] / c, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(a["m"][i], b["m"][i] * c, rtol=1e-6, atol=1e-12)
+            torch.testing.assert_close(a["v"][i], b["v"][i] * c * c, rtol=1e-6, atol=1e-15)
+
+
+def test_without_preservation_an_event_moves_the_function():
+    """§6.2's behaviour (preserve_function: false): the event rescales the learned update, B and moments stay."""
+    m, before, after, events = _train_with_probe(preserve=False)
+    step = events[0]
+    b, a = before[step][0], after[step][-1]
+    assert not torch.allclose(a["logits"], b["logits"], rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(x, y) for x, y in zip(a["B"], b["B"]))
+
+
+def test_preserved_event_acts_as_a_learning_rate_multiplier():
+    """After a function-preserving event, the model trains exactly like plain LoRA (w ≡ 1) whose B_ℓ learning rate
+    is multiplied by w_new/w_old from that step on (Adam with eps → 0, no weight decay)."""
+    torch.manual_seed(0)
+    batch = tiny_batch()
+    labels = torch.tensor([0, 1, 1, 0][: batch["input_ids"].shape[0]])
+    n_before, n_after, lr = 3, 4, 1e-2
+
+    def setup(cfg_over):
+        model = tiny_bert()
+        freeze_backbone(model)
+        for p in model.parameters():
+            p.requires_grad_(False)  # only the adapter trains here: the head would mix in its own path
+        m = methods.attach(model, SPEC, _cfg(gate="none", **cfg_over), Budget("b", RANK))
+        _randomize(m, seed=4, gate=False)
+        return model, m
+
+    def step(model, opt):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels)
+        loss.backward()
+        opt.step()
+
+    model_a, m_a = setup({})
+    model_b, m_b = setup({})
+    layers_a, layers_b = list(m_a.layers.values()), list(m_b.layers.values())
+    adam = dict(betas=(0.9, 0.999), eps=1e-16, weight_decay=0.0)
+    opt_a = torch.optim.AdamW([p for l in layers_a for p in (l.lora_A, l.lora_B)], lr=lr, **adam)
+    groups_b = [{"params": [l.lora_A]} for l in layers_b] + [{"params": [l.lora_B]} for l in layers_b]
+    opt_b = torch.optim.AdamW(groups_b, lr=lr, **adam)
+    for _ in range(n_before):
+        step(model_a, opt_a)
+        step(model_b, opt_b)
+    # the event on a: importance made up, reallocation through the method (rescales B and Adam state)
+    m_a.importance = torch.rand(len(layers_a), generator=torch.Generator().manual_seed(1)) + 0.05
+    m_a.reallocate(n_before, opt_a)
+    ratio = m_a.weights  # w_old = 1
+    assert float(ratio.max() - ratio.min()) > 0.1
+    for group, c in zip(opt_b.param_groups[len(layers_b):], ratio.tolist()):
+        group["lr"] = lr * c
+    torch.testing.assert_close(_eval_logits(model_a, batch), _eval_logits(model_b, batch), rtol=1e-5, atol=1e-6)
+    for _ in range(n_after):
+        step(model_a, opt_a)
+        step(model_b, opt_b)
+    for la, lb, w in zip(layers_a, layers_b, ratio.tolist()):
+        torch.testing.assert_close(la.lora_A, lb.lora_A, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(la.lora_B * w, lb.lora_B, rtol=1e-4, atol=1e-6)  # w·B is the update
+    torch.testing.assert_close(_eval_logits(model_a, batch), _eval_logits(model_b, batch), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("total,n_events", [(100, 10), (345, 10), (30, 10), (12, 4)])
+def test_n_events_spread_over_the_run(total, n_events):
+    interval = spread_interval(total, n_events, 0.1, 0.2)
+    events = [t for t in range(1, total + 1) if is_realloc_step(t, total, interval, 0.1, 0.2)]
+    t_warm, t_end = round(0.1 * total), round(0.8 * total)
+    assert len(events) == min(n_events, t_end - t_warm)
+    assert all(t_warm < t <= t_end for t in events)
+    assert events[-1] > t_end - interval  # the events reach the freeze: spread over the whole window
+
+
+def test_training_derives_the_interval_from_n_events(caplog):
+    caplog.set_level(logging.INFO, logger="lorabench")
+    tr, m, snap = _run_training("scale", total=40, interval=None, n_events=5)
+    assert m.realloc_interval == spread_interval(40, 5, 0.1, 0.2) == (32 - 4) // 5
+    assert m.n_realloc == 5
+
+
+def test_allocation_none_keeps_unit_weights_and_trains_the_gate():
+    tr, m, snap = _run_training("none", total=12)
+    assert m.n_realloc == 0 and m.importance is None
+    assert all(torch.equal(w, torch.ones_like(w)) for w in snap.layer_w.values())
+    assert any(float(layer.gate_u.abs().sum()) > 0 for layer in m.layers.values())
+
+
+def test_gate_is_bounded_by_gamma_and_penalized():
+    model = tiny_bert()
+    m = _dyn(model, gate_scale=0.25, gate_l2=0.1)
+    layer = m.layers["bert.encoder.layer.0.attention.self.query"]
+    with torch.no_grad():
+        layer.gate_u.fill_(50.0)  # saturate
+    x = torch.randn(2, 5, 32)
+    g = layer.gate_value(x)
+    assert float(g.min()) >= 0.75 - 1e-6 and float(g.max()) <= 1.25 + 1e-6
+    assert float((g - 1).abs().max()) > 0.24
+    expected = 0.1 * sum(float(l.gate_u.square().sum()) for l in m.layers.values())
+    assert abs(float(m.regularizer()) - expected) < 1e-3 * expected
+    assert _dyn(tiny_bert()).regularizer() is None  # gate_l2 = 0
+    assert _dyn(tiny_bert(), gate="none", gate_l2=0.1).regularizer() is None
+
+
+def test_shipped_config_is_revision_2():
+    import yaml
+    from conftest import REPO
+
+    cfg = yaml.safe_load((REPO / "conf" / "method" / "dynamic_lora.yaml").read_text())
+    m = methods.attach(tiny_bert(), SPEC, cfg, Budget("r8", 8))
+    assert (m.unweighted_importance, m.preserve_function, m.beta, m.n_events, m.w_min, m.w_max, m.gate_scale) == \
+        (True, True, 0.95, 10, 0.5, 2.0, 0.5)

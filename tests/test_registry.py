@@ -230,4 +230,4 @@ def test_fused_autograd_functions_pass_gradcheck():
     assert torch.autograd.gradcheck(_FoldedLowRank.apply, (x, w0, bias, a, b, cs.detach(), rand(4)))  # DoRA's gain
     assert torch.autograd.gradcheck(_FoldedLowRank.apply, (x, w0, None, a, b, cs.detach(), rand(4)))
     down, gate_v = rand(4, 5), rand(1)  # [A; u'] for r = 3
-    assert torch.autograd.gradcheck(_TokenGatedLowRank.apply, (x, w0, bias, down, gate_v, b, cs.detach()))
+    assert torch.autograd.gradcheck(_TokenGatedLowRank.apply, (x, w0, bias, down, gate_v, b, cs.detach(), 0.5))

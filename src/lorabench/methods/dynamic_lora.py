@@ -3,21 +3,36 @@
 What is the paper's (methods.md §6.1, abstract only; the body was not available): LoRA with an "adaptive weight
 allocation mechanism" that "dynamically evaluates the layer's importance during fine-tuning" to reallocate
 adapter capacity, plus an "input feature-based adaptive strategy"; "+0.1% resources" over LoRA.
-No formulas and no code are public. Everything concrete below is OUR design (methods.md §6.2) [ours]:
+No formulas and no code are public. Everything concrete below is OUR design: methods.md §6.2, revised by §6.4
+(revision 2), defaults chosen by the ablation in bench/results/ablation_dynamic_lora/ [ours]:
 
   y = x W0ᵀ + b + s · w_ℓ · g_ℓ(x) · (drop(x) Aᵀ) Bᵀ,   s = α / r,  A kaiming-uniform, B = 0
 
 (a) allocation weight w_ℓ (a buffer, no gradient), one per adapted matrix ℓ = 1…M:
-    - importance I_ℓ ← β I_ℓ + (1−β) · mean |θ ⊙ ∂L/∂θ| over the entries of θ ∈ {A_ℓ, B_ℓ} (β = 0.85), after
-      every optimizer step (post-update θ, the step's gradient: AdaLoRA's convention), batched over modules,
-      until the freeze (nothing reads it afterwards); the mean is over the entries of the kept components;
-    - every ΔT steps after t_warm and until the freeze (last `freeze_frac` of the steps):
+    - importance I_ℓ ← β I_ℓ + (1−β) · mean |θ ⊙ ∂L/∂θ| / w_ℓ over the entries of θ ∈ {A_ℓ, B_ℓ} (β = 0.95),
+      after every optimizer step (post-update θ, the step's gradient: AdaLoRA's convention), batched over
+      modules, until the freeze (nothing reads it afterwards); the mean is over the entries of the kept
+      components. Dividing by w_ℓ scores the unweighted branch s·g·BA (§6.4.1): |θ ⊙ ∂L/∂θ| is the size of
+      the w-scaled branch's contribution, so without it a module's score grows with its own weight
+      (`unweighted_importance: false` restores §6.2);
+    - `n_events` reallocations spread evenly between t_warm and the freeze (last `freeze_frac` of the steps),
+      or one every `realloc_interval` steps when that is set:
       q = I^{1/τ} / Σ I^{1/τ};  w̃ = clip(λ q, w_min, w_max) with λ found by bisection so mean(w̃) = 1;
       w ← (1−ρ) w + ρ w̃ (a convex mix of two mean-1 in-box vectors stays mean-1 and in the box);
+    - function-preserving events (§6.4.2, `preserve_function: true`): where w_ℓ changes from w_old to w_new,
+      B ← B·w_old/w_new, so w·B and the output do not move; B's Adam moments are rescaled to the new
+      parametrization's gradient units (∂L/∂B scales by w_new/w_old: first moment × w_new/w_old, second ×
+      its square). Adam's next step on B then has the same size in B as before, so the function-space step of
+      the module is multiplied by w_new/w_old: w acts as a per-module learning-rate multiplier. (§6.4's text
+      says "by the same ratio" w_old/w_new; that would leave the moments in the old units, off by the ratio
+      squared from the gradients that follow. The test checks the multiplier property against plain Adam with
+      a scaled learning rate.) `false` restores §6.2: an event rescales the learned update at once;
     - `allocation: rank` instead keeps w ≡ 1 and moves rank: each module holds r_max = budget.init_rank
       components behind a 0/1 mask (initially the first r on), and at each event r_ℓ ≈ R·I_ℓ/ΣI with
-      Σ r_ℓ = R = M·r exactly, 1 ≤ r_ℓ ≤ r_max, trailing components masked (see `allocate_ranks`).
-(b) input gate g_ℓ(x) = 1 + tanh(u_ℓ·x/√d_in + v_ℓ), u = 0, v = 0 at init (g ≡ 1), g ∈ (0, 2):
+      Σ r_ℓ = R = M·r exactly, 1 ≤ r_ℓ ≤ r_max, trailing components masked (see `allocate_ranks`);
+      `allocation: none` keeps w ≡ 1 (the gate alone, for ablations).
+(b) input gate g_ℓ(x) = 1 + γ·tanh(u_ℓ·x/√d_in + v_ℓ), u = 0, v = 0 at init (g ≡ 1), g ∈ (1−γ, 1+γ),
+    γ = `gate_scale` (§6.4: 0.5; §6.2 had 1), plus an L2 penalty `gate_l2`·‖u‖² in the loss:
     - `gate: token` — one gate per token (the gate reads the clean x, the branch the dropped one);
     - `gate: sequence` — one gate per example from the attention-masked mean of x over tokens. A layer sees
       only x, so the method registers a forward pre-hook on the model that records the `attention_mask`
@@ -45,7 +60,7 @@ from .base import AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo, up_p
 log = logging.getLogger("lorabench")
 
 GATES = ("token", "sequence", "none")
-ALLOCATIONS = ("scale", "rank")
+ALLOCATIONS = ("scale", "rank", "none")
 ROLE_ABBREV = {"query": "q", "key": "k", "value": "v", "attention_output": "ao", "intermediate": "i",
                "output": "o"}
 
@@ -145,6 +160,12 @@ def realloc_window(total_steps: int, warmup_frac: float, freeze_frac: float) -> 
     return t_warm, t_end
 
 
+def spread_interval(total_steps: int, n_events: int, warmup_frac: float, freeze_frac: float) -> int:
+    """ΔT that puts `n_events` events evenly in (t_warm, t_end] (fewer when the window is shorter) [ours, §6.4]."""
+    t_warm, t_end = realloc_window(total_steps, warmup_frac, freeze_frac)
+    return max(1, (t_end - t_warm) // max(n_events, 1))
+
+
 def is_realloc_step(step: int, total_steps: int, interval: int, warmup_frac: float, freeze_frac: float) -> bool:
     """Every `interval` steps counted from t_warm, up to the freeze: t = t_warm + k·ΔT, k ≥ 1, t ≤ t_end."""
     t_warm, t_end = realloc_window(total_steps, warmup_frac, freeze_frac)
@@ -178,7 +199,7 @@ class _MaskContext:
 
 
 class _TokenGatedLowRank(torch.autograd.Function):
-    """`y = x W0ᵀ + b + (g ⊙ (x Aᵀ) ⊙ cs) Bᵀ` with the token gate `g = 1 + tanh(x u'ᵀ + v)`, `u' = u/√d_in`,
+    """`y = x W0ᵀ + b + (g ⊙ (x Aᵀ) ⊙ cs) Bᵀ` with the token gate `g = 1 + γ tanh(x u'ᵀ + v)`, `u' = u/√d_in`,
     for an fp32 call (the gate makes the update input-dependent, so it cannot fold into W0).
 
     The same function as `DynamicLoRALinear.branch` added to the base output, computed with fewer
@@ -188,13 +209,14 @@ class _TokenGatedLowRank(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, gate_v, lora_B, cs):
+    def forward(ctx, x, weight, bias, down, gate_v, lora_B, cs, gamma):
         r = lora_B.shape[1]
         x2 = x.reshape(-1, x.shape[-1])
         hz = x2 @ down.t()  # (tokens, r + 1): the hidden and the gate's pre-activation
         h = hz[:, :r]
         t = torch.tanh(hz[:, r:] + gate_v)
-        gated = h * cs * (1.0 + t)
+        ctx.gamma = gamma
+        gated = h * cs * (1.0 + gamma * t)
         out = gated @ lora_B.t() if bias is None else torch.addmm(bias, gated, lora_B.t())
         out.addmm_(x2, weight.t())
         ctx.save_for_backward(x, h, t, weight, down, lora_B, cs)
@@ -203,30 +225,32 @@ class _TokenGatedLowRank(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, h, t, weight, down, lora_B, cs = ctx.saved_tensors
-        need_x, _, _, need_down, need_v, need_B, _ = ctx.needs_input_grad
+        need_x, _, _, need_down, need_v, need_B, _, _ = ctx.needs_input_grad
         g = grad_y.reshape(-1, grad_y.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        gate = 1.0 + t
+        gamma = ctx.gamma
+        gate = 1.0 + gamma * t
         u = (lora_B.t() @ g.t()).t()  # ∂Y B, on the fast side of the GEMM
         grad_B = ((h * cs * gate).t() @ g).t() if need_B else None
-        dz = (u * h * cs).sum(dim=1, keepdim=True) * (1.0 - t * t)  # through g = 1 + tanh(z)
+        dz = (u * h * cs).sum(dim=1, keepdim=True) * (gamma * (1.0 - t * t))  # through g = 1 + γ tanh(z)
         dhz = torch.cat([u * cs * gate, dz], dim=1)
         grad_down = dhz.t() @ x2 if need_down else None
         grad_v = dz.sum(dim=0) if need_v else None
         grad_x = None
         if need_x:
             grad_x = (dhz @ down).addmm_(g, weight).view(x.shape)
-        return grad_x, None, None, grad_down, grad_v, grad_B, None
+        return grad_x, None, None, grad_down, grad_v, grad_B, None, None
 
 
 class DynamicLoRALinear(LowRankLinear):
     """LoRA with an allocation weight w (buffer), an optional rank mask (buffer) and an optional input gate."""
 
     def __init__(self, base: nn.Linear, n_components: int, scale: float, dropout: float, gate: str,
-                 active_rank: int | None, mask_context: _MaskContext | None) -> None:
+                 active_rank: int | None, mask_context: _MaskContext | None, gate_scale: float = 1.0) -> None:
         super().__init__(base, rank=n_components, alpha=0.0, dropout=dropout, scale=scale)
         device = base.weight.device
         self.gate = gate
+        self.gate_scale = float(gate_scale)  # γ: g ∈ (1 − γ, 1 + γ)
         self.register_buffer("alloc_weight", torch.ones((), dtype=torch.float32, device=device))
         mask = None
         if active_rank is not None:  # rank mode: the first `active_rank` components on
@@ -247,7 +271,7 @@ class DynamicLoRALinear(LowRankLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.merged and self.gate == "token" and self.fp32_call(x):
             return _TokenGatedLowRank.apply(x, self.base.weight, self.base.bias, self.down_weight(), self.gate_v,
-                                            self.lora_B, self.hidden_scale().detach())
+                                            self.lora_B, self.hidden_scale().detach(), self.gate_scale)
         return super().forward(x)
 
     def hidden_scale(self) -> torch.Tensor:
@@ -266,13 +290,13 @@ class DynamicLoRALinear(LowRankLinear):
         return x.mean(dim=1, keepdim=True)
 
     def gate_value(self, x: torch.Tensor) -> torch.Tensor | None:
-        """g(x) = 1 + tanh(u·x/√d_in + v), shape (..., 1) broadcasting over the hidden; None when off."""
+        """g(x) = 1 + γ tanh(u·x/√d_in + v), shape (..., 1) broadcasting over the hidden; None when off."""
         if self.gate == "none":
             return None
         if self.gate == "sequence" and x.dim() >= 3:
             x = self._sequence_summary(x)
         z = F.linear(x, self._gate_row().to(x.dtype), self.gate_v.to(x.dtype))
-        return 1.0 + torch.tanh(z)
+        return 1.0 + self.gate_scale * torch.tanh(z)
 
     def _gate_row(self) -> torch.Tensor:
         """u/√d_in as a (1, d_in) weight row."""
@@ -290,7 +314,7 @@ class DynamicLoRALinear(LowRankLinear):
         if self.gate == "token" and not self.dropout_active():
             hz = self.down(x)  # [x Aᵀ | u·x/√d_in]: the branch and the gate read the same (clean) x
             h, z = hz[..., : self.rank], hz[..., self.rank:]
-            g = 1.0 + torch.tanh(z + self.gate_v.to(z.dtype))
+            g = 1.0 + self.gate_scale * torch.tanh(z + self.gate_v.to(z.dtype))
         elif self.gate == "token":  # active dropout: the gate reads the clean x, the branch the dropped one
             h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
             g = self.gate_value(x)
@@ -326,17 +350,25 @@ class DynamicLoRA(AdapterMethod):
         c = config
         self.alpha = float(c.get("alpha", 16))
         self.dropout = float(c.get("dropout", 0.0))
-        self.beta = float(c.get("beta", 0.85))
-        self.realloc_interval = int(c.get("realloc_interval", 100))
+        self.beta = float(c.get("beta", 0.95))
+        interval = c.get("realloc_interval")
+        self._interval_cfg = None if interval is None else int(interval)
+        self.n_events = int(c.get("n_events", 10))
         self.warmup_frac = float(c.get("warmup_frac", 0.1))
         self.freeze_frac = float(c.get("freeze_frac", 0.2))
         self.tau = float(c.get("tau", 1.0))
-        self.w_min = float(c.get("w_min", 0.25))
-        self.w_max = float(c.get("w_max", 4.0))
+        self.w_min = float(c.get("w_min", 0.5))
+        self.w_max = float(c.get("w_max", 2.0))
         self.rho = float(c.get("rho", 0.5))
         self.allocation = str(c.get("allocation", "scale"))
         self.gate = str(c.get("gate", "token"))
+        self.gate_scale = float(c.get("gate_scale", 0.5))
+        self.gate_l2 = float(c.get("gate_l2", 0.0))
+        self.unweighted_importance = bool(c.get("unweighted_importance", True))
+        self.preserve_function = bool(c.get("preserve_function", True))
         self._validate()
+        # ΔT: set, or derived from n_events once the trainer says K (on_train_begin)
+        self.realloc_interval = self._interval_cfg if self._interval_cfg is not None else 1
         self.scale = self.alpha / budget.rank  # s = α/r in both modes: a rank-mode component weighs as in LoRA
         self.n_components = budget.init_rank if self.allocation == "rank" else budget.rank
         self.mask_context = _MaskContext() if self.gate == "sequence" else None
@@ -345,6 +377,7 @@ class DynamicLoRA(AdapterMethod):
         self.weights = torch.ones(0, dtype=torch.float64)  # w per module (float64 master; layers hold fp32)
         self.ranks: list[int] = []
         self.importance: torch.Tensor | None = None
+        self._w_cache: torch.Tensor | None = None
         self.n_realloc = 0
         self.last_realloc_step = 0
         self._shown: dict[str, Any] = {}
@@ -359,8 +392,15 @@ class DynamicLoRA(AdapterMethod):
             bad(f"method.allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if not 0 <= self.beta < 1:
             bad(f"method.beta must be in [0, 1), got {self.beta}")
-        if self.realloc_interval < 1:
-            bad(f"method.realloc_interval must be >= 1, got {self.realloc_interval}")
+        if self._interval_cfg is not None and self._interval_cfg < 1:
+            bad(f"method.realloc_interval must be >= 1 or null, got {self._interval_cfg}")
+        if self.n_events < 1:
+            bad(f"method.n_events must be >= 1, got {self.n_events}")
+        if not 0 < self.gate_scale <= 1:
+            bad(f"method.gate_scale must be in (0, 1] (the gate 1 + gate_scale·tanh must stay positive), "
+                f"got {self.gate_scale}")
+        if self.gate_l2 < 0:
+            bad(f"method.gate_l2 must be >= 0, got {self.gate_l2}")
         if not (0 <= self.warmup_frac <= 1 and 0 <= self.freeze_frac <= 1 and self.warmup_frac + self.freeze_frac <= 1):
             bad(f"need 0 <= warmup_frac, freeze_frac and warmup_frac + freeze_frac <= 1, got "
                 f"{self.warmup_frac}, {self.freeze_frac}")
@@ -375,7 +415,7 @@ class DynamicLoRA(AdapterMethod):
     def make_layer(self, base: nn.Linear, target: TargetInfo) -> nn.Module:
         return DynamicLoRALinear(base, n_components=self.n_components, scale=self.scale, dropout=self.dropout,
                                  gate=self.gate, active_rank=self.budget.rank if self.allocation == "rank" else None,
-                                 mask_context=self.mask_context)
+                                 mask_context=self.mask_context, gate_scale=self.gate_scale)
 
     def after_attach(self, model: nn.Module) -> None:
         m = len(self.layers)
@@ -385,6 +425,13 @@ class DynamicLoRA(AdapterMethod):
         if self.mask_context is not None:
             self._mask_hook = model.register_forward_pre_hook(self.mask_context.capture, with_kwargs=True)
         self._refresh_shown()
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """K is known: derive ΔT from n_events unless realloc_interval was set."""
+        self.total_steps = int(total_steps)
+        if self._interval_cfg is None:
+            self.realloc_interval = spread_interval(self.total_steps, self.n_events, self.warmup_frac,
+                                                    self.freeze_frac)
 
     @property
     def mergeable(self) -> bool:
@@ -417,7 +464,21 @@ class DynamicLoRA(AdapterMethod):
             self.importance = base
             self._kept = self._kept_entries(device)
         current = (sums[:m] + sums[m:]) / self._kept
+        if self.unweighted_importance and self.allocation == "scale":
+            current = current / self._w_device(device)  # score s·g·BA, not w·s·g·BA (§6.4.1)
         self.importance.mul_(self.beta).add_(current, alpha=1.0 - self.beta)
+
+    def _w_device(self, device: torch.device) -> torch.Tensor:
+        """The allocation weights as an fp32 tensor on `device` (cached until the next event)."""
+        if self._w_cache is None or self._w_cache.device != device:
+            self._w_cache = self.weights.to(device=device, dtype=torch.float32)
+        return self._w_cache
+
+    def regularizer(self) -> torch.Tensor | None:
+        """gate_l2 · Σ_ℓ ‖u_ℓ‖² (§6.4: keeps the gate near 1 on small data sets); None when off."""
+        if self.gate == "none" or self.gate_l2 == 0:
+            return None
+        return self.gate_l2 * sum(layer.gate_u.square().sum() for layer in self.layers.values())
 
     def importance_now(self) -> torch.Tensor:
         if self.importance is None:
@@ -425,12 +486,16 @@ class DynamicLoRA(AdapterMethod):
         return self.importance.detach().double().cpu()
 
     @torch.no_grad()
-    def reallocate(self, step: int) -> None:
-        """One reallocation event: new scale weights (scale mode) or new ranks (rank mode)."""
+    def reallocate(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """One reallocation event: new scale weights (scale mode) or new ranks (rank mode). In scale mode with
+        `preserve_function`, B and its Adam moments (in `optimizer`) are rescaled so the output does not move."""
         imp = self.importance_now()
         if self.allocation == "scale":
             target = allocate_scale_weights(imp, self.tau, self.w_min, self.w_max)
+            old = self.weights
             self.weights = (1.0 - self.rho) * self.weights + self.rho * target
+            if self.preserve_function:
+                self._preserve_function(old, self.weights, optimizer)
             self._write_weights()
         else:
             self.ranks = allocate_ranks(imp, self.budget.rank * len(self.layers), r_max=self.n_components)
@@ -440,7 +505,24 @@ class DynamicLoRA(AdapterMethod):
         self._refresh_shown()
         log.info("dynamic_lora realloc %d at step %d: %s", self.n_realloc, step, self.allocation_summary())
 
+    def _preserve_function(self, old: torch.Tensor, new: torch.Tensor,
+                           optimizer: torch.optim.Optimizer | None) -> None:
+        """w_old → w_new without moving the output: B ← B·w_old/w_new; B's Adam moments follow ∂L/∂B, which
+        scales by w_new/w_old (first moment × c, second × c², c = w_new/w_old)."""
+        for w_old, w_new, layer in zip(old.tolist(), new.tolist(), self.layers.values()):
+            if w_old == w_new:
+                continue
+            layer.lora_B.mul_(w_old / w_new)
+            state = optimizer.state.get(layer.lora_B) if optimizer is not None else None
+            if state:
+                c = w_new / w_old
+                if "exp_avg" in state:
+                    state["exp_avg"].mul_(c)
+                if "exp_avg_sq" in state:
+                    state["exp_avg_sq"].mul_(c * c)
+
     def _write_weights(self) -> None:
+        self._w_cache = None
         for w, layer in zip(self.weights.tolist(), self.layers.values()):
             layer.alloc_weight.fill_(w)
 
@@ -463,7 +545,9 @@ class DynamicLoRA(AdapterMethod):
         return head + " | " + " | ".join(f"L{b} " + " ".join(v) for b, v in sorted(by_block.items()))
 
     def _refresh_shown(self) -> None:
-        if self.allocation == "scale" and self.weights.numel():
+        if self.allocation == "none":
+            self._shown = {}
+        elif self.allocation == "scale" and self.weights.numel():
             self._shown = {"w_min": round(float(self.weights.min()), 4), "w_max": round(float(self.weights.max()), 4)}
         elif self.ranks:
             self._shown = {"r_min": min(self.ranks), "r_max": max(self.ranks)}
@@ -495,7 +579,9 @@ class DynamicLoRA(AdapterMethod):
     def ledger(self) -> Ledger:
         ledger = super().ledger()
         ledger.notes = {
-            "design": "methods.md §6.2 [ours]: importance-driven scale/rank allocation + input gate",
+            "design": "methods.md §6.2 + §6.4 revision 2 [ours]: importance-driven scale/rank allocation "
+                      "(function-preserving events) + bounded input gate",
+            "realloc_interval": self.realloc_interval if self.total_steps is not None else self._interval_cfg,
             "allocation": self.allocation,
             "gate": self.gate,
             "extra_stored": "gate u (d_in) and v (1) per module" if self.gate != "none" else "none",
@@ -541,7 +627,7 @@ class DynamicLoRA(AdapterMethod):
         self.n_realloc = int(state["n_realloc"])
         self.last_realloc_step = int(state["last_realloc_step"])
         if state.get("total_steps") is not None:
-            self.total_steps = int(state["total_steps"])
+            self.set_total_steps(int(state["total_steps"]))
         self._write_weights()
         if self.allocation == "rank":
             self._write_ranks()
@@ -569,7 +655,10 @@ class AllocationHook(TrainerHook):
 
     def on_train_begin(self, state: TrainState) -> None:
         m = self.method
-        m.total_steps = state.total_steps
+        m.set_total_steps(state.total_steps)
+        if m.allocation == "none":
+            log.info("dynamic_lora: allocation=none (w = 1) gate=%s", m.gate)
+            return
         t_warm, t_end = realloc_window(state.total_steps, m.warmup_frac, m.freeze_frac)
         n_events = sum(is_realloc_step(t, state.total_steps, m.realloc_interval, m.warmup_frac, m.freeze_frac)
                        for t in range(1, state.total_steps + 1))
@@ -579,11 +668,11 @@ class AllocationHook(TrainerHook):
     def after_optimizer_step(self, state: TrainState) -> None:
         m = self.method
         _, t_end = realloc_window(state.total_steps, m.warmup_frac, m.freeze_frac)
-        if state.step > t_end:
-            return  # allocation frozen: the importance has no further use
+        if state.step > t_end or m.allocation == "none":
+            return  # allocation frozen (or off): the importance has no further use
         m.update_importance()
         if is_realloc_step(state.step, state.total_steps, m.realloc_interval, m.warmup_frac, m.freeze_frac):
-            m.reallocate(state.step)
+            m.reallocate(state.step, state.optimizer)
 
     def progress(self) -> dict[str, Any]:
         return self.method.progress()
