@@ -201,8 +201,8 @@ def test_rank_heatmap_cells_equal_results(tmp_path):
               evals=[{"step": 10, "eval/accuracy": 0.6, "ranks/total": 16}])
     rep = report.build_report(root, tmp_path / "out")
     names = sorted(p.name for p in rep.paths if p.suffix == ".png")
-    assert names == ["budget_rte.png", "eval_rte.png", "ranks_dora_dynamic_rte.png"]  # no heatmap for lora
-    for p in rep.paths[3:]:
+    assert names == ["budget_rte.png", "eval_rte.png", "pareto.png", "ranks_dora_dynamic_rte.png"]  # none for lora
+    for p in [p for p in rep.paths if p.suffix == ".png"]:
         img = matplotlib.image.imread(p)
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
     assert "![ranks_dora_dynamic_rte](plots/ranks_dora_dynamic_rte.png)" in (tmp_path / "out" / "report.md").read_text()
@@ -313,3 +313,79 @@ def test_interrupted_jobs_are_listed_with_their_step_not_tabulated(tmp_path, cap
     assert "- `lora_rte_s2` (method lora, task rte, budget r8, seed 2): interrupted at step 37" in section
     assert "- `lora_mrpc_s1` (method lora, task mrpc, budget r8, seed 1): interrupted\n" in section
     assert "## Interrupted jobs (2)" in out.err
+
+
+# --- paired differences and the Pareto plot (paired.py) -------------------------------------------------------
+
+def _t975(dof):
+    return {1: 12.706204736174707, 2: 4.302652729749464, 3: 3.182446305284263}[dof]
+
+
+def test_paired_differences_match_a_hand_computation(tmp_path):
+    """Δ per task = mean over shared seeds of (row − lora); interval = Δ ± t(.975, n−1)·sd/√n (table values of t);
+    ▲/▼ only when the interval excludes 0; seeds only one side has are counted, not paired."""
+    root = tmp_path / "sweep"
+    lora = {("rte", 1): .60, ("rte", 2): .62, ("rte", 3): .58, ("mrpc", 1): .80, ("mrpc", 2): .81, ("mrpc", 3): .79}
+    dora = {("rte", 1): .65, ("rte", 2): .66, ("rte", 3): .64, ("mrpc", 1): .78, ("mrpc", 2): .83, ("mrpc", 3): .79,
+            ("rte", 4): .99}  # seed 4: only dora has it
+    for method, values in (("lora", lora), ("dora", dora)):
+        for (task, seed), v in values.items():
+            write_run(root, f"{method}_{task}_s{seed}", task=task, method=method, seed=seed, best={"accuracy": v})
+    rep = report.build_report(root, plots=False)
+    (row,) = rep.table.paired("best", "lora")
+    assert row.label == "dora" and row.reference_label == "lora"
+    for task, d in zip(rep.table.tasks, row.per_task):
+        diffs = [100 * (dora[task, s] - lora[task, s]) for s in (1, 2, 3)]
+        mean, half = statistics.mean(diffs), _t975(2) * statistics.stdev(diffs) / 3 ** 0.5
+        assert d.n == 3 and d.unpaired == (1 if task == "rte" else 0)
+        assert d.mean == pytest.approx(mean) and d.low == pytest.approx(mean - half)
+        assert d.high == pytest.approx(mean + half)
+    by_task = dict(zip(rep.table.tasks, row.per_task))
+    assert by_task["rte"].sign == 1 and by_task["mrpc"].sign == 0  # +5 ± small vs +0 ± noise
+    assert row.record == (1, 1, 0)
+    # the GLUE average: per-seed averages over both tasks, on seeds 1-3 (seed 4 lacks mrpc)
+    avg = [100 * ((dora["rte", s] + dora["mrpc", s]) - (lora["rte", s] + lora["mrpc", s])) / 2 for s in (1, 2, 3)]
+    assert row.average.mean == pytest.approx(statistics.mean(avg)) and row.average.n == 3
+    text = (root / "report.md").read_text()
+    assert "## Paired differences vs lora" in text and "▲" in text and "| dora | lora |" in text
+    with (root / "paired.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    rte_best = next(r for r in rows if r["selection"] == "best" and r["task"] == "rte")
+    assert float(rte_best["delta"]) == pytest.approx(by_task["rte"].mean, abs=1e-4) and rte_best["sign"] == "1"
+
+
+def test_paired_reference_is_selectable_and_needs_the_same_budget(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    for seed in (1, 2):
+        write_run(root, f"lora_s{seed}", task="rte", method="lora", seed=seed, best={"accuracy": .6 + seed / 100})
+        write_run(root, f"dora_s{seed}", task="rte", method="dora", seed=seed, best={"accuracy": .5 + seed / 100})
+        write_run(root, f"ada_s{seed}", task="rte", method="adalora", budget="r2", seed=seed,
+                  best={"accuracy": .7})
+    rep = report.build_report(root, plots=False)
+    assert [p.label for p in rep.table.paired("best", "lora")] == ["dora r8"]  # adalora r2: no lora r2 to pair
+    (d,) = rep.table.paired("best", "lora")[0].per_task
+    assert d.mean == pytest.approx(-10.0) and d.low == d.high == pytest.approx(-10.0)
+    assert d.sign == -1  # the same difference on every seed: the seeds support it
+    assert report.main([str(root), "--reference", "dora", "--no-plots"]) == 0
+    assert "## Paired differences vs dora" in (root / "report.md").read_text()
+    # a row with no reference at all gives no section
+    solo = tmp_path / "solo"
+    write_run(solo, "dora_s1", task="rte", method="dora", best={"accuracy": .5})
+    report.build_report(solo, plots=False)
+    assert "Paired differences" not in (solo / "report.md").read_text()
+
+
+def test_pareto_points_and_plot(tmp_path):
+    root = tmp_path / "sweep"
+    for method, stored, acc in (("lora", 7168, (.60, .62)), ("dora", 7300, (.64, .66))):
+        for seed, v in zip((1, 2), acc):
+            for task in ("rte", "mrpc"):
+                write_run(root, f"{method}_{task}_s{seed}", task=task, method=method, seed=seed, stored=stored,
+                          best={"accuracy": v}, extra={"timings": {"seconds_per_step": 0.5 if method == "lora" else 0.7}})
+    rep = report.build_report(root)
+    points = {p[0]: p for p in report.pareto_points(rep.table)}
+    assert points["dora"][1] == 7300 and points["dora"][2] == pytest.approx(0.7)
+    assert points["dora"][3] == pytest.approx(65.0)
+    assert points["dora"][4] == pytest.approx(_t975(1) * statistics.stdev([64.0, 66.0]) / 2 ** 0.5)
+    assert (root / "plots" / "pareto.png").stat().st_size > 0
+    assert "plots/pareto.png" in (root / "report.md").read_text()

@@ -17,6 +17,12 @@ Reads only the results contract of each job directory (found recursively): resul
   plots/eval_<task>.png                 the averaged metric vs optimizer step, one line per run
   plots/budget_<task>.png               total rank budget vs step (train/budget when the method logs it,
                                         else ranks/total, the Σ of effective ranks at each evaluation)
+  plots/pareto.png                      GLUE average (or the one task's primary metric) of each row with its
+                                        95% interval over seeds, against stored adapter size and against
+                                        training seconds per step
+  paired.csv + a report.md section      every row against the reference row (--reference, default lora, same
+                                        budget and model): per-task differences paired by seed with a 95% t
+                                        interval, ▲/▼ where it excludes 0, wins / ties / losses (paired.py)
 
 Metric conventions (values are shown ×100, as in the papers): CoLA MCC; SST-2, QNLI, RTE, WNLI accuracy;
 MRPC and QQP accuracy / F1; STS-B Pearson / Spearman; MNLI matched / mismatched accuracy. The GLUE average
@@ -40,6 +46,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from . import paired
 
 GLUE_ORDER = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 TASK_TITLES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
@@ -335,6 +343,21 @@ class Table:
     def header(self, task: str) -> str:
         return f"{TASK_TITLES.get(task, task)} ({'/'.join(METRIC_TITLES.get(m, m) for m in self.metrics(task))})"
 
+    def primary_by_seed(self, row: RowKey, task: str, selection: str) -> dict[Any, float] | None:
+        """The task's first metric per seed of a cell (None when the cell has no ok run)."""
+        cell = self.cells.get((row, task))
+        return cell.by_seed(selection, self.metrics(task)[0]) if cell is not None else None
+
+    def reference_row(self, row: RowKey, method: str) -> RowKey | None:
+        """The row of `method` at `row`'s budget and model (its plain variant when it has several)."""
+        matches = [r for r in self.rows if r.method == method and r.budget == row.budget and r.model == row.model]
+        matches.sort(key=lambda r: (r.variant != "", r.variant))
+        return matches[0] if matches else None
+
+    def paired(self, selection: str, reference: str) -> list[paired.PairedRow]:
+        return paired.compare_rows(self.rows, self.tasks, lambda r: self.reference_row(r, reference),
+                                   lambda r, t: self.primary_by_seed(r, t, selection), self.full_label)
+
     def stats(self, row: RowKey, task: str, selection: str) -> list[tuple[str, float, float | None, int]] | None:
         """[(metric, mean, std, n)] for a cell, None when the cell has no ok run."""
         cell = self.cells.get((row, task))
@@ -619,6 +642,55 @@ def plot_curves(series: dict[str, list[tuple[list[float], list[float]]]], path: 
     fig.savefig(path)
 
 
+def pareto_points(table: Table, selection: str = "best") -> list[tuple[str, float, float, float, float | None]]:
+    """(row label, stored params, seconds per step, score ×100, 95% half-interval) per row with a score: the GLUE
+    average over the tasks the row has (one task: its primary metric); the interval is the t interval of the
+    per-seed averages (None with one seed or seeds that differ between tasks)."""
+    points = []
+    for row in table.rows:
+        per_task = [d for t in table.tasks if (d := table.primary_by_seed(row, t, selection))]
+        if not per_task:
+            continue
+        seeds = set.intersection(*(set(d) for d in per_task))
+        per_seed = list(paired.average_by_seed(per_task, seeds).values()) if seeds else []
+        score = 100 * statistics.fmean(statistics.fmean(d.values()) for d in per_task)
+        half = None
+        if len(per_seed) > 1:
+            half = 100 * paired.t_quantile(0.975, len(per_seed) - 1) * statistics.stdev(per_seed) / math.sqrt(
+                len(per_seed))
+        runs = [j for t in table.tasks for j in (table.cells.get((row, t)) or Cell([])).runs]
+        sps = [float(j.results.get("timings", {}).get("seconds_per_step", float("nan"))) for j in runs]
+        sps = [v for v in sps if math.isfinite(v)]
+        points.append((table.full_label(row), table.stored[row][0], statistics.fmean(sps) if sps else float("nan"),
+                       score, half))
+    return points
+
+
+def plot_pareto(points: list[tuple[str, float, float, float, float | None]], path: Path, ylabel: str) -> None:
+    """Score against stored size (left) and against s/step (right), one point per row with its interval."""
+    fig = _new_figure(10.0, 4.2)
+    axes = fig.subplots(1, 2)
+    for ax, index, xlabel in ((axes[0], 1, "stored adapter params"), (axes[1], 2, "training s/step (mean of runs)")):
+        for i, point in enumerate(points):
+            x, y, half = point[index], point[3], point[4]
+            if not math.isfinite(x):
+                continue
+            ax.errorbar([x], [y], yerr=None if half is None else [[half], [half]], fmt="o", color=f"C{i % 10}",
+                        capsize=3, label=point[0])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("log")
+    for ax in axes:  # the legend on whichever panel has points (s/step can be missing in old results)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+            break
+    fig.suptitle(f"{ylabel} vs cost (error bars: 95% t interval over seeds)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
 def is_rank_adaptive(runs: Sequence[Job]) -> bool:
     """Ranks that differ between matrices or change during training, or a logged budget schedule."""
     for j in runs:
@@ -640,6 +712,12 @@ def _slug(s: str) -> str:
 def make_plots(table: Table, out_dir: Path) -> list[Path]:
     plots_dir = out_dir / "plots"
     written: list[Path] = []
+    points = pareto_points(table)
+    if points:
+        ylabel = ("GLUE average ×100" if len(table.tasks) > 1
+                  else f"{TASK_TITLES.get(table.tasks[0], table.tasks[0])} ×100")
+        plot_pareto(points, plots_dir / "pareto.png", ylabel)
+        written.append(plots_dir / "pareto.png")
     for row in table.rows:
         row_runs = [j for t in table.tasks for j in (table.cells.get((row, t)) or Cell([])).runs]
         if not is_rank_adaptive(row_runs):
@@ -699,6 +777,7 @@ class Report:
     paths: list[Path]
     failed_setup: list[Job] = field(default_factory=list)  # failed before training: listed, not tabulated
     interrupted: list[Job] = field(default_factory=list)  # stopped by Ctrl-C / SIGTERM: listed, not tabulated
+    reference: str = "lora"  # the method every row is compared with (paired differences)
 
     @property
     def not_ok(self) -> list[Job]:
@@ -731,7 +810,8 @@ def grid_gaps(jobs: list[Job]) -> list[str]:
     return [f"{m}, {b}, {t}, seed {s}" for m, b, t, s in itertools.product(*axes) if (m, b, t, s) not in seen]
 
 
-def build_report(root: str | Path, out_dir: str | Path | None = None, plots: bool = True) -> Report:
+def build_report(root: str | Path, out_dir: str | Path | None = None, plots: bool = True,
+                 reference: str = "lora") -> Report:
     root = Path(root)
     out = Path(out_dir) if out_dir is not None else root
     jobs = [read_job(d, root) for d in find_job_dirs(root)]
@@ -745,11 +825,12 @@ def build_report(root: str | Path, out_dir: str | Path | None = None, plots: boo
     not_found = grid_gaps(jobs) if (root / "multirun.yaml").exists() else []
     table = build_table(ok, failed) if ok else None
     out.mkdir(parents=True, exist_ok=True)
-    report = Report(root, out, jobs, ok, failed, broken, not_found, table, [], failed_setup, interrupted)
-    report.paths += [out / "report.md", out / "report.csv", out / "report.tex"]
+    report = Report(root, out, jobs, ok, failed, broken, not_found, table, [], failed_setup, interrupted, reference)
+    report.paths += [out / "report.md", out / "report.csv", out / "report.tex", out / "paired.csv"]
     plot_paths = make_plots(table, out) if (plots and table is not None) else []
     (out / "report.md").write_text(render_markdown(report, plot_paths))
     _write_csv(out / "report.csv", table)
+    _write_paired_csv(out / "paired.csv", table, reference)
     (out / "report.tex").write_text(render_tex(report))
     report.paths += plot_paths
     return report
@@ -810,6 +891,7 @@ def render_markdown(report: Report, plot_paths: list[Path]) -> str:
             lines += ["", f"## {title}", "", f"Per run: {what}.", "", markdown_table(report.table, selection)]
             for note in report.table.seed_notes():
                 lines += ["", note]
+        lines += paired_section(report.table, report.reference)
     lines += _problem_lines(report)
     if plot_paths:
         lines += ["", "## Plots", ""]
@@ -817,6 +899,34 @@ def render_markdown(report: Report, plot_paths: list[Path]) -> str:
             rel = p.relative_to(report.out_dir) if p.is_relative_to(report.out_dir) else p
             lines.append(f"![{p.stem}]({rel})")
     return "\n".join(lines) + "\n"
+
+
+def paired_section(table: Table, reference: str) -> list[str]:
+    """The paired-differences section of report.md (empty when no row has a `reference` row to pair with)."""
+    lines = []
+    headers = [TASK_TITLES.get(t, t) for t in table.tasks]
+    for selection, title, _ in SELECTIONS:
+        rows = table.paired(selection, reference)
+        if not rows:
+            continue
+        if not lines:
+            lines += ["", f"## Paired differences vs {reference}", "",
+                      f"Δ = row − {reference} (same budget and model) on each task's first metric ×100, paired by "
+                      "seed; [95% t interval over the paired seeds] (none for one pair); ▲ / ▼: the interval "
+                      "excludes 0 (the seeds support a difference), else a tie; n = paired seeds, \"unpaired\" = "
+                      "seeds only one side has (left out). GLUE avg: the same on per-seed averages over the tasks "
+                      "both rows have, seeds present in all of them. W/T/L: tasks won / tied / lost."]
+        lines += ["", f"### {title}", "", paired.markdown_paired(rows, headers)]
+    return lines
+
+
+def _write_paired_csv(path: Path, table: Table | None, reference: str) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(paired.CSV_HEADER)
+        if table is not None:
+            for selection, _, _ in SELECTIONS:
+                writer.writerows(paired.csv_paired(table.paired(selection, reference), table.tasks, selection))
 
 
 def render_tex(report: Report) -> str:
@@ -845,6 +955,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="where to write report.md/.csv/.tex and plots/ "
                                                     "(default: the directory given)")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--reference", default="lora",
+                        help="the method every row is compared with, paired by seed (default: lora)")
     args = parser.parse_args(argv)
     root = Path(args.root)
     if not root.is_dir():
@@ -853,7 +965,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not find_job_dirs(root):
         print(f"error: no job directory (results.json, metrics.jsonl or .hydra/) under {root}", file=sys.stderr)
         return 2
-    report = build_report(root, args.out, plots=not args.no_plots)
+    report = build_report(root, args.out, plots=not args.no_plots, reference=args.reference)
     if report.table is not None:
         print(markdown_table(report.table, "best"))
         for note in report.table.seed_notes():
