@@ -102,8 +102,9 @@ class SweepReportCallback(Callback):
     """Thread caps per job; the report and a non-zero exit status at the end of a sweep."""
 
     def __init__(self, report: bool = True, plots: bool = True, fail_exit_code: int = 1,
-                 threads_per_job: int | None = None) -> None:
+                 threads_per_job: int | None = None, select_lr: bool = False) -> None:
         self.report = report
+        self.select_lr = select_lr  # a tuning sweep (experiment=tune_lr): write <sweep dir>/selected/ at the end
         self.plots = plots
         self.fail_exit_code = fail_exit_code
         self.threads_per_job = threads_per_job
@@ -127,6 +128,16 @@ class SweepReportCallback(Callback):
             # Tokenizers fork their own pool per process otherwise; jobs are the parallelism here.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    @staticmethod
+    def _write_lr_selection(sweep_dir: Path) -> None:
+        from .tuning import select_learning_rates
+
+        paths = select_learning_rates(sweep_dir)
+        selected = sweep_dir / "selected"
+        log.info("selected learning rates: %s; run the final sweep with hydra.searchpath=[file://%s]",
+                 selected / "selected_lr.md", selected.resolve())
+        print((selected / "selected_lr.md").read_text())
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from . import cli
 
@@ -140,6 +151,8 @@ class SweepReportCallback(Callback):
                 rep = build_report(sweep_dir, sweep_dir, plots=self.plots)
                 failed += [j.dir.resolve() for j in rep.not_ok]
                 log.info("sweep report: %s (%s)", sweep_dir / "report.md", rep.counts())
+                if self.select_lr:
+                    self._write_lr_selection(sweep_dir)
             except Exception:  # the sweep's results are on disk; `python -m report` can be rerun by hand
                 report_ok = False
                 log.exception("the sweep report failed; run `python -m report %s` to retry", sweep_dir)

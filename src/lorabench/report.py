@@ -285,8 +285,29 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def job_lr(j: Job) -> float | None:
+    lr = ((j.results or {}).get("config") or {}).get("trainer", {}).get("lr")
+    return float(lr) if isinstance(lr, (int, float)) else None
+
+
+def fmt_lr(lr: float | None) -> str:
+    return "—" if lr is None else f"{lr:g}"
+
+
+def _lr_grid_methods(jobs: list[Job]) -> set[str]:
+    """Methods whose runs of one task, budget and model used several learning rates (a tuning grid): their rows
+    split by lr. A per-task lr (the final sweep of the tuning protocol) does not split rows."""
+    seen: dict[tuple, set] = {}
+    for j in jobs:
+        key = (str(j.field("method")), str(j.field("task")), str(j.field("budget")), str(j.field("model")))
+        seen.setdefault(key, set()).add(job_lr(j))
+    return {key[0] for key, lrs in seen.items() if len(lrs) > 1}
+
+
 def row_keys(jobs: list[Job]) -> dict[int, RowKey]:
-    """RowKey per job (by id): method, the method options that vary between its runs, budget, model."""
+    """RowKey per job (by id): method, the method options that vary between its runs (plus `lr=` when the method
+    ran a learning-rate grid), budget, model."""
+    lr_grid = _lr_grid_methods(jobs)
     method_cfgs: dict[str, list[dict[str, Any]]] = {}
     for j in jobs:
         cfg = (j.results.get("config") or {}).get("method") or {}
@@ -299,7 +320,8 @@ def row_keys(jobs: list[Job]) -> dict[int, RowKey]:
     for j in jobs:
         method = str(j.field("method"))
         cfg = _flatten((j.results.get("config") or {}).get("method") or {})
-        variant = ",".join(f"{k}={cfg.get(k)}" for k in varying[method])
+        variant = ",".join([f"{k}={cfg.get(k)}" for k in varying[method]] +
+                           ([f"lr={fmt_lr(job_lr(j))}"] if method in lr_grid else []))
         out[id(j)] = RowKey(method, variant, str(j.field("budget")), str(j.field("model")))
     return out
 
@@ -891,6 +913,7 @@ def render_markdown(report: Report, plot_paths: list[Path]) -> str:
             lines += ["", f"## {title}", "", f"Per run: {what}.", "", markdown_table(report.table, selection)]
             for note in report.table.seed_notes():
                 lines += ["", note]
+        lines += lr_section(report.table)
         lines += paired_section(report.table, report.reference)
     lines += _problem_lines(report)
     if plot_paths:
@@ -899,6 +922,23 @@ def render_markdown(report: Report, plot_paths: list[Path]) -> str:
             rel = p.relative_to(report.out_dir) if p.is_relative_to(report.out_dir) else p
             lines.append(f"![{p.stem}]({rel})")
     return "\n".join(lines) + "\n"
+
+
+def lr_section(table: Table) -> list[str]:
+    """Which learning rate each row trained with: one line when every run shares one, else a row × task table."""
+    lrs = {(row, task): sorted({job_lr(j) for j in cell.runs}, key=lambda v: (v is None, v or 0))
+           for (row, task), cell in table.cells.items()}
+    distinct = {v for vs in lrs.values() for v in vs}
+    if len(distinct) <= 1:
+        return ["", f"Learning rate: every run trained with trainer.lr = {fmt_lr(next(iter(distinct), None))}."]
+    head = ["row", *(TASK_TITLES.get(t, t) for t in table.tasks)]
+    lines = ["", "## Learning rates", "", "trainer.lr of each cell's runs (per-task values come from a learning-rate "
+             "selection: README, \"Tuned learning rates\").", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table.rows:
+        cells = [", ".join(fmt_lr(v) for v in lrs.get((row, t), [])) or "—" for t in table.tasks]
+        lines.append("| " + " | ".join([table.full_label(row), *cells]) + " |")
+    return lines
 
 
 def paired_section(table: Table, reference: str) -> list[str]:
@@ -955,6 +995,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="where to write report.md/.csv/.tex and plots/ "
                                                     "(default: the directory given)")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--select-lr", nargs="?", const="", default=None, metavar="DIR",
+                        help="a tuning sweep: write the selected learning rate per method × task as configs for "
+                             "the final sweep (default DIR: <root>/selected)")
     parser.add_argument("--reference", default="lora",
                         help="the method every row is compared with, paired by seed (default: lora)")
     args = parser.parse_args(argv)
@@ -973,4 +1016,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in _problem_lines(report):
         print(line, file=sys.stderr)
     print(f"report: {report.out_dir / 'report.md'} ({report.counts()})")
+    if args.select_lr is not None:
+        from .errors import ConfigError
+        from .tuning import select_learning_rates
+
+        try:
+            paths = select_learning_rates(root, Path(args.select_lr) if args.select_lr else None)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(paths[-2].read_text())
     return 0 if report.clean else 1

@@ -1,0 +1,116 @@
+"""Learning-rate selection from a tuning sweep, written as configs that a final sweep composes.
+
+The protocol (README "Tuned learning rates"): a sweep over `trainer.lr` on tuning seeds (conf/experiment/tune_lr.yaml
+uses seeds 101, 102, never the final seeds), then one selected lr per method × task, then the final sweep on
+other seeds with the selection composed in, so the final scores never took part in choosing.
+
+Selection rule: for each method × task, the lr with the highest mean over tuning seeds of the best-epoch primary
+dev metric (ties: the smaller lr). Per task rather than one lr per method over all tasks, because that is what the
+papers do (LoRA Table 9, AdaLoRA's scripts and DoRA-dynamic's Table 8 give per-task learning rates) and because
+the best lr moves with the data set size (small RTE vs large SST-2) more than between methods.
+
+Output, under the selection directory:
+  task_method/<task>_<method>.yaml   `trainer.lr: <selected>` (package _global_); conf/config.yaml's defaults
+                                     list composes `task_method: ${task}_${method}` when such a file exists, and
+                                     `hydra.searchpath=[file://<selection dir>]` makes Hydra look there
+  selected_lr.md / selected_lr.json  the grid, the mean score of every lr, and the choice
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass
+class LrChoice:
+    method: str
+    task: str
+    metric: str
+    scores: dict[float, list[float]] = field(default_factory=dict)  # lr → best primary metric per seed
+
+    @property
+    def means(self) -> dict[float, float]:
+        return {lr: statistics.fmean(v) for lr, v in sorted(self.scores.items())}
+
+    @property
+    def selected(self) -> float:
+        means = self.means
+        top = max(means.values())
+        return min(lr for lr, m in means.items() if m == top)
+
+
+def collect(jobs: list[Any]) -> list[LrChoice]:
+    """Group ok jobs (report.Job) by method × task and lr. Refuses a sweep whose rows another option splits (two
+    budgets, models or method variants), since one selection file per method × task could not hold both."""
+    choices: dict[tuple[str, str], LrChoice] = {}
+    split: dict[tuple[str, str], set] = {}
+    for j in jobs:
+        if j.results is None or j.status != "ok":
+            continue
+        cfg = j.results.get("config") or {}
+        lr = (cfg.get("trainer") or {}).get("lr")
+        metric = j.results.get("primary_metric")
+        value = (j.results.get("best") or {}).get(metric)
+        metric = str(metric).removeprefix("eval/")
+        if not isinstance(lr, (int, float)) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        key = (str(j.field("method")), str(j.field("task")))
+        method_cfg = {k: v for k, v in (cfg.get("method") or {}).items() if k != "name"}
+        split.setdefault(key, set()).add(json.dumps([j.field("budget"), j.field("model"), method_cfg],
+                                                    sort_keys=True))
+        choice = choices.setdefault(key, LrChoice(key[0], key[1], metric))
+        choice.scores.setdefault(float(lr), []).append(float(value))
+    mixed = sorted(f"{m}/{t}" for (m, t), kinds in split.items() if len(kinds) > 1)
+    if mixed:
+        raise ConfigError(f"the tuning sweep mixes budgets, models or method options within {', '.join(mixed)}; "
+                          f"select learning rates from a sweep that varies only trainer.lr and seed per "
+                          f"method × task")
+    return sorted(choices.values(), key=lambda c: (c.method, c.task))
+
+
+def write_selection(choices: list[LrChoice], out_dir: Path, source: str) -> list[Path]:
+    """The task_method/ configs and the summary; returns the files written."""
+    if not choices:
+        raise ConfigError("no finished tuning job with a trainer.lr and a primary metric: nothing to select")
+    group = out_dir / "task_method"
+    group.mkdir(parents=True, exist_ok=True)
+    written = []
+    for c in choices:
+        path = group / f"{c.task}_{c.method}.yaml"
+        grid = ", ".join(f"{lr:g}: {100 * m:.2f}" for lr, m in c.means.items())
+        path.write_text("# @package _global_\n"
+                        f"# selected by `python -m report {source} --select-lr`: best mean {c.metric} (best epoch) "
+                        f"over the tuning seeds\n# grid (lr: mean ×100): {grid}\n"
+                        f"trainer:\n  lr: {c.selected!r}\n")
+        written.append(path)
+    rows = ["| method | task | metric | " + " | ".join(["lr: mean ×100 (seeds)"]) + " | selected |",
+            "|---|---|---|---|---|"]
+    for c in choices:
+        grid = "; ".join(f"{lr:g}: {100 * m:.2f} ({len(c.scores[lr])})" for lr, m in c.means.items())
+        rows.append(f"| {c.method} | {c.task} | {c.metric} | {grid} | **{c.selected:g}** |")
+    md = (f"# Selected learning rates\n\nFrom `{source}`: per method × task, the lr with the highest mean "
+          "best-epoch primary dev metric over the tuning seeds (ties: the smaller lr).\n\n" + "\n".join(rows) +
+          f"\n\nUse: `python -m train -m ... hydra.searchpath=[file://{out_dir.resolve()}]`\n")
+    (out_dir / "selected_lr.md").write_text(md)
+    (out_dir / "selected_lr.json").write_text(json.dumps(
+        [{"method": c.method, "task": c.task, "metric": c.metric, "selected": c.selected,
+          "means": {f"{lr:g}": m for lr, m in c.means.items()}, "n_seeds": {f"{lr:g}": len(v) for lr, v in
+                                                                            sorted(c.scores.items())}}
+         for c in choices], indent=2))
+    return written + [out_dir / "selected_lr.md", out_dir / "selected_lr.json"]
+
+
+def select_learning_rates(root: Path, out_dir: Path | None = None) -> list[Path]:
+    """Read the tuning sweep under `root` and write the selection (default: `<root>/selected`)."""
+    from .report import find_job_dirs, read_job
+
+    root = Path(root)
+    jobs = [read_job(d, root) for d in find_job_dirs(root)]
+    return write_selection(collect(jobs), Path(out_dir) if out_dir is not None else root / "selected", str(root))

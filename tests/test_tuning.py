@@ -1,0 +1,95 @@
+"""The learning-rate protocol: tune (a sweep over trainer.lr on tuning seeds) → run (the final sweep composes the
+selection) → report (each row's learning rate named). The selection rule is checked on synthetic run directories
+against a hand computation; the protocol end to end with real `python -m train` subprocesses on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from lorabench import report, tuning
+from lorabench.errors import ConfigError
+from conftest import run_train, table_rows
+from test_report import write_run
+from test_sweep import SMALL
+
+
+def _lr_run(root, name, lr, **kw):
+    d = write_run(root, name, **kw)
+    r = json.loads((d / "results.json").read_text())
+    r["config"]["trainer"] = {"lr": lr}
+    (d / "results.json").write_text(json.dumps(r))
+    return d
+
+
+def test_selection_is_the_best_mean_per_method_and_task_ties_to_the_smaller_lr(tmp_path):
+    root = tmp_path / "tune"
+    scores = {("lora", "rte"): {1e-3: (.60, .64), 1e-2: (.66, .61)},   # means .62 vs .635 → 1e-2
+              ("lora", "mrpc"): {1e-3: (.70, .72), 1e-2: (.72, .70)},  # a tie → the smaller, 1e-3
+              ("dora", "rte"): {1e-3: (.55, .57), 1e-2: (.50, .52)}}   # → 1e-3
+    for (method, task), by_lr in scores.items():
+        for lr, values in by_lr.items():
+            for seed, v in zip((101, 102), values):
+                _lr_run(root, f"{method}_{task}_{lr:g}_s{seed}", lr, task=task, method=method, seed=seed,
+                        best={"accuracy": v})
+    paths = tuning.select_learning_rates(root)
+    chosen = {(c["method"], c["task"]): c["selected"] for c in json.loads((root / "selected" /
+                                                                           "selected_lr.json").read_text())}
+    assert chosen == {("lora", "rte"): 1e-2, ("lora", "mrpc"): 1e-3, ("dora", "rte"): 1e-3}
+    text = (root / "selected" / "task_method" / "rte_lora.yaml").read_text()
+    assert text.startswith("# @package _global_") and "lr: 0.01" in text
+    assert {p.name for p in paths} >= {"rte_lora.yaml", "mrpc_lora.yaml", "rte_dora.yaml", "selected_lr.md"}
+    # the tuning report splits rows by lr (a grid within one cell)
+    rep = report.build_report(root, plots=False)
+    labels = {rep.table.full_label(r) for r in rep.table.rows}
+    assert {"lora (lr=0.001)", "lora (lr=0.01)", "dora (lr=0.001)", "dora (lr=0.01)"} <= labels
+
+
+def test_a_sweep_that_mixes_budgets_is_refused(tmp_path, capsys):
+    root = tmp_path / "tune"
+    _lr_run(root, "a", 1e-3, task="rte", budget="r8", best={"accuracy": .6})
+    _lr_run(root, "b", 1e-3, task="rte", budget="r2", best={"accuracy": .6})
+    with pytest.raises(ConfigError, match="mixes budgets"):
+        tuning.select_learning_rates(root)
+    assert report.main([str(root), "--select-lr", "--no-plots"]) == 2
+    assert "error: the tuning sweep mixes" in capsys.readouterr().err
+
+
+def test_tune_run_report_end_to_end(tmp_path, real_glue_dir):
+    """The README's three commands on the tiny model, a 2-value grid and 2 tuning seeds, then 2 final seeds."""
+    env = {"GLUE_DIR": str(real_glue_dir)}
+    tune, final = tmp_path / "tune", tmp_path / "final"
+    p = run_train(["-m", "experiment=tune_lr", "method=lora,dora", "task=rte", "trainer.lr=1e-3,3e-2",
+                   "seed=101,102", *SMALL, f"hydra.sweep.dir={tune}"], cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    selected = json.loads((tune / "selected" / "selected_lr.json").read_text())
+    assert len(selected) == 2
+    for c in selected:  # the choice is the argmax of the means, recomputed here from the jobs' results
+        by_lr: dict[float, list[float]] = {}
+        for d in tune.iterdir():
+            if (d / "results.json").exists():
+                r = json.loads((d / "results.json").read_text())
+                if r["method"] == c["method"]:
+                    by_lr.setdefault(r["config"]["trainer"]["lr"], []).append(r["best"]["eval/accuracy"])
+        means = {lr: statistics.mean(v) for lr, v in by_lr.items()}
+        assert set(means) == {1e-3, 3e-2} and all(len(v) == 2 for v in by_lr.values())
+        assert c["selected"] == min(lr for lr, m in means.items() if m == max(means.values()))
+    p = run_train(["-m", "method=lora,dora", "task=rte", "seed=1,2", *SMALL, f"hydra.searchpath=[file://{tune}/selected]",
+                   f"hydra.sweep.dir={final}"], cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lrs = {}
+    for d in final.iterdir():
+        if (d / "results.json").exists():
+            r = json.loads((d / "results.json").read_text())
+            assert r["seed"] in (1, 2)
+            lrs[r["method"]] = r["config"]["trainer"]["lr"]
+    assert lrs == {c["method"]: c["selected"] for c in selected}
+    md = (final / "report.md").read_text()
+    if len(set(lrs.values())) > 1:
+        rows = table_rows(md, "Learning rates")
+        assert {row[0]: row[1] for row in rows[2:]} == {m: f"{lr:g}" for m, lr in lrs.items()}
+    else:
+        assert f"every run trained with trainer.lr = {next(iter(lrs.values())):g}" in md
