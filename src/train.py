@@ -14,8 +14,11 @@ OmegaConf.register_new_resolver(rundir.RESOLVER, rundir.unique_dir, use_cache=Tr
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
+    """Returns the job's primary dev metric at its best evaluation (NaN when it did not finish): what an optimizing
+    sweeper (`hydra/sweeper=optuna`) maximizes."""
     from lorabench.cli import run_configured_job
+    from lorabench.tuning import objective_value
 
     hc = HydraConfig.get()
     in_sweep = hc.mode == RunMode.MULTIRUN
@@ -32,9 +35,10 @@ def main(cfg: DictConfig) -> None:
 
     # Resolved inside the job's error handling: in a sweep, a config that fails to resolve fails only its job.
     grid = hc.sweeper.get("params") if "sweeper" in hc else None
-    run_configured_job(resolved_config, hc.runtime.output_dir, in_sweep=in_sweep,
-                       composed=OmegaConf.to_container(cfg, resolve=False),
-                       sweep_grid=OmegaConf.to_container(grid) if grid else None)
+    results = run_configured_job(resolved_config, hc.runtime.output_dir, in_sweep=in_sweep,
+                                 composed=OmegaConf.to_container(cfg, resolve=False),
+                                 sweep_grid=OmegaConf.to_container(grid) if grid else None)
+    return objective_value(results)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 
 from lorabench import report, tuning
 from lorabench.errors import ConfigError
-from conftest import run_train, table_rows
+from conftest import require, run_train, table_rows
 from test_report import write_run
 from test_sweep import SMALL
 
@@ -93,3 +93,30 @@ def test_tune_run_report_end_to_end(tmp_path, real_glue_dir):
         assert {row[0]: row[1] for row in rows[2:]} == {m: f"{lr:g}" for m, lr in lrs.items()}
     else:
         assert f"every run trained with trainer.lr = {next(iter(lrs.values())):g}" in md
+
+
+def test_optuna_sweeper_maximizes_the_returned_dev_metric(tmp_path, real_glue_dir):
+    """`main` returns each job's best primary dev metric, so hydra/sweeper=optuna can tune any key: a 2-trial study
+    on the tiny model reports as its best value the best job's metric, and the sweep still gets its report."""
+    require("hydra_plugins.hydra_optuna_sweeper")
+    import yaml
+
+    sweep = tmp_path / "optuna"
+    p = run_train(["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=maximize",
+                   "hydra.sweeper.sampler.seed=0", "trainer.lr=tag(log,interval(1e-4,1e-2))", "method=lora",
+                   "task=rte", *SMALL, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env={"GLUE_DIR": str(real_glue_dir)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    jobs = [json.loads((d / "results.json").read_text()) for d in sweep.iterdir() if (d / "results.json").exists()]
+    assert len(jobs) == 2 and jobs[0]["config"]["trainer"]["lr"] != jobs[1]["config"]["trainer"]["lr"]
+    best = max(jobs, key=lambda r: r["best"]["eval/accuracy"])
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["best_value"] == pytest.approx(best["best"]["eval/accuracy"])
+    assert (sweep / "report.md").exists()
+
+
+def test_objective_value_is_nan_unless_ok():
+    import math
+
+    assert tuning.objective_value({"status": "ok", "primary_metric": "eval/mcc", "best": {"eval/mcc": 0.4}}) == 0.4
+    assert math.isnan(tuning.objective_value({"status": "failed"}))
+    assert math.isnan(tuning.objective_value(None))

@@ -107,6 +107,15 @@ def write_selection(choices: list[LrChoice], out_dir: Path, source: str) -> list
     return written + [out_dir / "selected_lr.md", out_dir / "selected_lr.json"]
 
 
+def objective_value(results: dict[str, Any] | None) -> float:
+    """A job's primary dev metric at its best evaluation, NaN when it did not finish ok (Optuna then records a
+    failed trial). Every GLUE metric is higher-is-better, so an optimizing sweeper maximizes it."""
+    if not results or results.get("status") != "ok":
+        return float("nan")
+    value = (results.get("best") or {}).get(results.get("primary_metric"))
+    return float(value) if isinstance(value, (int, float)) else float("nan")
+
+
 def select_learning_rates(root: Path, out_dir: Path | None = None) -> list[Path]:
     """Read the tuning sweep under `root` and write the selection (default: `<root>/selected`)."""
     from .report import find_job_dirs, read_job
