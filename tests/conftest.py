@@ -107,6 +107,16 @@ def tiny_batch(n: int = 4, length: int = 12, vocab: int = 128, seed: int = 1) ->
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (n,), generator=g)}
 
 
+@torch.no_grad()
+def eval_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits in eval mode (no dropout), leaving its train/eval mode as it was."""
+    was_training = model.training
+    model.eval()
+    out = model(**batch).logits.clone()
+    model.train(was_training)
+    return out
+
+
 def run_train(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m train <args>` in a subprocess, as a user would run it."""
     full_env = {**os.environ, **(env or {})}

@@ -20,7 +20,7 @@ from lorabench.methods.dynamic_lora import (allocate_ranks, allocate_scale_weigh
                                             solve_clipped_scale, spread_interval)
 from lorabench.training.hooks import TrainerHook
 from lorabench.training.trainer import Trainer, TrainerConfig
-from conftest import TINY_SPEC_DICT, require, tiny_batch, tiny_bert
+from conftest import TINY_SPEC_DICT, eval_logits, require, tiny_batch, tiny_bert
 
 SPEC = ModelSpec.from_dict(TINY_SPEC_DICT)
 RANK, ALPHA = 4, 8.0
@@ -463,20 +463,11 @@ class _EventProbe(TrainerHook):
     def after_optimizer_step(self, state):
         layers = list(self.method.layers.values())
         self.seen.setdefault(state.step, []).append({
-            "logits": _eval_logits(self.model, self.batch),
+            "logits": eval_logits(self.model, self.batch),
             "w": self.method.weights.clone(),
             "B": [layer.lora_B.detach().clone() for layer in layers],
             "m": [state.optimizer.state[layer.lora_B]["exp_avg"].clone() for layer in layers],
             "v": [state.optimizer.state[layer.lora_B]["exp_avg_sq"].clone() for layer in layers]})
-
-
-@torch.no_grad()
-def _eval_logits(model, batch):
-    was = model.training
-    model.eval()
-    out = model(**batch).logits.clone()
-    model.train(was)
-    return out
 
 
 def _train_with_probe(preserve, total=16, interval=4, lr=1e-2):
@@ -564,14 +555,14 @@ def test_preserved_event_acts_as_a_learning_rate_multiplier():
     assert float(ratio.max() - ratio.min()) > 0.1
     for group, c in zip(opt_b.param_groups[len(layers_b):], ratio.tolist()):
         group["lr"] = lr * c
-    torch.testing.assert_close(_eval_logits(model_a, batch), _eval_logits(model_b, batch), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(eval_logits(model_a, batch), eval_logits(model_b, batch), rtol=1e-5, atol=1e-6)
     for _ in range(n_after):
         step(model_a, opt_a)
         step(model_b, opt_b)
     for la, lb, w in zip(layers_a, layers_b, ratio.tolist()):
         torch.testing.assert_close(la.lora_A, lb.lora_A, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(la.lora_B * w, lb.lora_B, rtol=1e-4, atol=1e-6)  # w·B is the update
-    torch.testing.assert_close(_eval_logits(model_a, batch), _eval_logits(model_b, batch), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eval_logits(model_a, batch), eval_logits(model_b, batch), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("total,n_events", [(100, 10), (345, 10), (30, 10), (12, 4)])

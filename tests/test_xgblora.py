@@ -18,7 +18,7 @@ from lorabench.methods.xgblora import booster_end_steps, cyclic_block_schedule
 from lorabench.data import BatchLoader, Collator, TokenizedSplit
 from lorabench.training.hooks import TrainerHook
 from lorabench.training.trainer import Trainer, TrainerConfig
-from conftest import TINY_SPEC_DICT, tiny_batch, tiny_bert
+from conftest import TINY_SPEC_DICT, eval_logits, tiny_batch, tiny_bert
 
 SPEC = ModelSpec.from_dict(TINY_SPEC_DICT)
 ALPHA = 2.0  # rank 1 ⇒ s = α / 1
@@ -62,13 +62,7 @@ def _is_boundary(step, kappa, total):
     return step % kappa == 0 and step < total
 
 
-@torch.no_grad()
-def _logits(model, batch):
-    was_training = model.training
-    model.eval()
-    out = model(**batch).logits.clone()
-    model.train(was_training)
-    return out
+_logits = eval_logits
 
 
 class BeforeBoundary(TrainerHook):
