@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..budget import Budget, Ledger, LedgerRow
+from ..training.hooks import ScheduleHook, TrainState
 
 
 class _UpProjection(torch.autograd.Function):
@@ -336,6 +337,7 @@ class AdapterMethod(ABC):
                 setattr(self, key, bool(self.config[key]))
         self.layers: dict[str, nn.Module] = {}
         self.targets: dict[str, TargetInfo] = {}
+        self._schedule_hook: ScheduleHook | None = None
 
     # --- building -----------------------------------------------------------------------------------
     @abstractmethod
@@ -401,9 +403,27 @@ class AdapterMethod(ABC):
         """Extra loss term added to the task loss (None when the method has none)."""
         return None
 
+    def on_train_begin(self, state: TrainState) -> None:
+        """A schedule's start, with state.total_steps known (a method that overrides this or
+        `after_optimizer_step` gets a ScheduleHook)."""
+
+    def after_optimizer_step(self, state: TrainState) -> None:
+        """A schedule's step: parameters post-update, gradients still present (pruning, boosting, allocation)."""
+
+    def progress(self) -> dict[str, Any]:
+        """A small dict shown in the progress bar and logged under train/ while the method trains."""
+        return {}
+
     def hooks(self) -> list:
-        """Objects the trainer calls at fixed points (see training/hooks.py)."""
-        return []
+        """Objects the trainer calls at fixed points (see training/hooks.py): one ScheduleHook when the method has
+        a schedule (overrides on_train_begin / after_optimizer_step)."""
+        own = type(self)
+        if own.on_train_begin is AdapterMethod.on_train_begin and \
+                own.after_optimizer_step is AdapterMethod.after_optimizer_step:
+            return []
+        if self._schedule_hook is None:  # one hook per method: the trainer may ask twice
+            self._schedule_hook = ScheduleHook(self)
+        return [self._schedule_hook]
 
     # --- what the results contract uses -------------------------------------------------------------
     def rank_pattern(self) -> dict[str, int]:
@@ -490,7 +510,4 @@ class AdapterMethod(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-    def describe(self) -> str:
-        return self.name
 

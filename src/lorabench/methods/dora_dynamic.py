@@ -5,7 +5,7 @@ The update is a sum of r′ rank-1 components, each switched by a trainable scal
 with s = α / r′ where r′ = budget.init_rank = ceil(1.5 r) is the initial rank (pruning does not change s).
 A and B are kaiming-uniform with PyTorch's default a = 0 (B is not zero); ΔW = 0 at start because c = 0 (§3.2).
 
-Pruning (§3.3–3.4, the reference code's form), run by a TrainerHook after every optimizer step:
+Pruning (§3.3–3.4, the reference code's form), run by the method's ScheduleHook after every optimizer step:
 - importance σ_i = |c_i|·‖a_i‖·‖b_i‖ / (‖B diag(c) A‖_F + ε): a component's share of its layer's update (s
   cancels), from the weights only; smoothed by an EMA (β = 0.9, from 0) on every step from step 1 up to and
   including the last pruning event;
@@ -31,7 +31,7 @@ from torch import nn
 
 from ..budget import Budget, Ledger, dora_dynamic_n_pruned, dora_dynamic_schedule, dora_dynamic_window, keep_best_within
 from ..errors import ConfigError
-from ..training.hooks import TrainerHook, TrainState
+from ..training.hooks import TrainState
 from . import register
 from .base import AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo
 
@@ -55,30 +55,6 @@ class GatedLowRankLinear(LowRankLinear):
 
     def component_scale(self) -> torch.Tensor:
         return self.lora_gate
-
-
-class DoraDynamicSchedule(TrainerHook):
-    """Runs the method's importance update, pruning and final mask after every optimizer step."""
-
-    def __init__(self, method: "DoraDynamic") -> None:
-        self.method = method
-
-    def on_train_begin(self, state: TrainState) -> None:
-        self.method.total_steps = state.total_steps
-
-    def after_optimizer_step(self, state: TrainState) -> None:
-        self.method.total_steps = state.total_steps
-        self.method.on_optimizer_step(state.step)
-
-    def progress(self) -> dict[str, Any]:
-        # budget: components the schedule keeps (all N before the first event); the bar shows it shrink.
-        return {"budget": self.method.kept_budget, "phase": self.method.phase}
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.method.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.method.load_state_dict(state)
 
 
 @register("dora_dynamic")
@@ -117,7 +93,6 @@ class DoraDynamic(AdapterMethod):
         self.kept_budget = 0  # components kept by the latest event (N before the first one)
         self._layer_list: list[GatedLowRankLinear] = []
         self._shape_groups: list[tuple[list[GatedLowRankLinear], torch.Tensor]] = []
-        self._hook: DoraDynamicSchedule | None = None
 
     # --- building -----------------------------------------------------------------------------------
     def make_layer(self, base: nn.Linear, target: TargetInfo) -> nn.Module:
@@ -250,10 +225,18 @@ class DoraDynamic(AdapterMethod):
                 return None
         return self.dem_weight * self.dem_penalty()
 
-    def hooks(self) -> list:
-        if self._hook is None:
-            self._hook = DoraDynamicSchedule(self)
-        return [self._hook]
+    # --- the schedule (the trainer calls these through a ScheduleHook) ---------------------------------
+    def on_train_begin(self, state: TrainState) -> None:
+        self.total_steps = state.total_steps
+
+    def after_optimizer_step(self, state: TrainState) -> None:
+        """Importance update, pruning and the final mask (on_optimizer_step)."""
+        self.total_steps = state.total_steps
+        self.on_optimizer_step(state.step)
+
+    def progress(self) -> dict[str, Any]:
+        # budget: components the schedule keeps (all N before the first event); the bar shows it shrink.
+        return {"budget": self.kept_budget, "phase": self.phase}
 
     # --- results contract -----------------------------------------------------------------------------
     def ledger(self) -> Ledger:
@@ -300,7 +283,3 @@ class DoraDynamic(AdapterMethod):
         self.n_events = int(state["n_events"])
         self.last_event_step = int(state["last_event_step"])
         self.kept_budget = int(state["kept_budget"])
-
-    def describe(self) -> str:
-        return (f"dora_dynamic r′={self.init_rank} → r={self.target_rank}, s={self.alpha}/{self.init_rank}, "
-                f"DEM η={self.dem_weight} ({self.dem_form})")

@@ -53,7 +53,7 @@ from torch import nn
 
 from ..budget import Ledger, LedgerRow
 from ..errors import ConfigError
-from ..training.hooks import TrainerHook, TrainState
+from ..training.hooks import TrainState
 from . import register
 from .base import AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo, up_project
 
@@ -555,8 +555,26 @@ class DynamicLoRA(AdapterMethod):
     def progress(self) -> dict[str, Any]:
         return dict(self._shown)
 
-    def hooks(self) -> list:
-        return [AllocationHook(self)]
+    # --- the schedule (the trainer calls these through a ScheduleHook) ---------------------------------
+    def on_train_begin(self, state: TrainState) -> None:
+        self.set_total_steps(state.total_steps)
+        if self.allocation == "none":
+            log.info("dynamic_lora: allocation=none (w = 1) gate=%s", self.gate)
+            return
+        t_warm, t_end = realloc_window(state.total_steps, self.warmup_frac, self.freeze_frac)
+        n_events = sum(is_realloc_step(t, state.total_steps, self.realloc_interval, self.warmup_frac,
+                                       self.freeze_frac) for t in range(1, state.total_steps + 1))
+        log.info("dynamic_lora: allocation=%s gate=%s; %d reallocations every %d steps in (%d, %d], frozen after",
+                 self.allocation, self.gate, n_events, self.realloc_interval, t_warm, t_end)
+
+    def after_optimizer_step(self, state: TrainState) -> None:
+        """Update the importance EMA; at an event step, reallocate (B's Adam moments live in state.optimizer)."""
+        _, t_end = realloc_window(state.total_steps, self.warmup_frac, self.freeze_frac)
+        if state.step > t_end or self.allocation == "none":
+            return  # allocation frozen (or off): the importance has no further use
+        self.update_importance()
+        if is_realloc_step(state.step, state.total_steps, self.realloc_interval, self.warmup_frac, self.freeze_frac):
+            self.reallocate(state.step, state.optimizer)
 
     # --- overhead and ledger ------------------------------------------------------------------------
     def overhead(self) -> dict[str, int]:
@@ -642,43 +660,3 @@ class DynamicLoRA(AdapterMethod):
         if self.importance is not None:
             self._kept = self._kept_entries(self.importance.device)
         self._refresh_shown()
-
-    def describe(self) -> str:
-        return f"dynamic_lora (allocation={self.allocation}, gate={self.gate})"
-
-
-class AllocationHook(TrainerHook):
-    """After each optimizer step: update the importance EMA; at an event step, reallocate."""
-
-    def __init__(self, method: DynamicLoRA) -> None:
-        self.method = method
-
-    def on_train_begin(self, state: TrainState) -> None:
-        m = self.method
-        m.set_total_steps(state.total_steps)
-        if m.allocation == "none":
-            log.info("dynamic_lora: allocation=none (w = 1) gate=%s", m.gate)
-            return
-        t_warm, t_end = realloc_window(state.total_steps, m.warmup_frac, m.freeze_frac)
-        n_events = sum(is_realloc_step(t, state.total_steps, m.realloc_interval, m.warmup_frac, m.freeze_frac)
-                       for t in range(1, state.total_steps + 1))
-        log.info("dynamic_lora: allocation=%s gate=%s; %d reallocations every %d steps in (%d, %d], frozen after",
-                 m.allocation, m.gate, n_events, m.realloc_interval, t_warm, t_end)
-
-    def after_optimizer_step(self, state: TrainState) -> None:
-        m = self.method
-        _, t_end = realloc_window(state.total_steps, m.warmup_frac, m.freeze_frac)
-        if state.step > t_end or m.allocation == "none":
-            return  # allocation frozen (or off): the importance has no further use
-        m.update_importance()
-        if is_realloc_step(state.step, state.total_steps, m.realloc_interval, m.warmup_frac, m.freeze_frac):
-            m.reallocate(state.step, state.optimizer)
-
-    def progress(self) -> dict[str, Any]:
-        return self.method.progress()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.method.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.method.load_state_dict(state)

@@ -12,7 +12,7 @@ No public code exists. Everything concrete below is OUR design: methods.md §5.3
     ends at step ⌊t·K/n⌋, so there are exactly n of them; `steps_per_booster` κ overrides this with the §5.3
     rule, ⌈K/κ⌉ boosters of κ steps). The default n keeps the stored factored size at LoRA-r's (see
     `default_n_boosters`). After each boundary step the live booster is merged and a new one starts (a
-    TrainerHook); the last booster stays live at the end (merge() or the merged export folds it);
+    ScheduleHook); the last booster stays live at the end (merge() or the merged export folds it);
   - a booster is a rank-`booster_rank` LoRA (default 1, the paper's; s = α / booster_rank, α defaults to the
     LoRA arm's 16, since under Adam the function moves with α, not α/r: §5.5) on every target matrix of L_s
     encoder blocks (default: all blocks up to 12, ⌈L/3⌉ beyond). `block_sampling: cyclic` walks random
@@ -45,7 +45,7 @@ from torch import nn
 
 from ..budget import Ledger, LedgerRow
 from ..errors import ConfigError
-from ..training.hooks import TrainerHook, TrainState
+from ..training.hooks import TrainState
 from . import register
 from .base import AdapterMethod, LowRankLinear, TargetInfo
 
@@ -329,7 +329,7 @@ class XGBLoRA(AdapterMethod):
 
     def booster_ends_at(self, step: int) -> bool:
         """Whether the live booster's last step is `step` (or already behind it) and another booster follows.
-        `>=` rather than `==`: a step the fp16 scaler skipped (no hook call) delays the boundary by one step
+        `>=` rather than `==`: a step the fp16 scaler skipped (no schedule call) delays the boundary by one step
         instead of merging two boosters into one."""
         i = self.booster_index
         return i + 1 < len(self.end_steps) and step >= self.end_steps[i] and step < self.total_steps
@@ -353,8 +353,22 @@ class XGBLoRA(AdapterMethod):
         live = [layer for layer in self.layers.values() if layer.active]
         return self.booster_l2 * sum(layer.lora_A.square().sum() + layer.lora_B.square().sum() for layer in live)
 
-    def hooks(self) -> list:
-        return [BoostingHook(self)]
+    # --- the schedule (the trainer calls these through a ScheduleHook) ---------------------------------
+    def on_train_begin(self, state: TrainState) -> None:
+        self.set_total_steps(state.total_steps)
+        log.info("xgblora: %d steps -> %d rank-%d boosters (~%.0f steps each), %d of %d blocks each, %s sampling "
+                 "(sample seed %d); booster %d on blocks %s", state.total_steps, self.n_boosters, self.booster_rank,
+                 state.total_steps / max(self.n_boosters, 1), self.layers_per_booster, len(self.blocks),
+                 self.block_sampling, self.sample_seed, self.booster_index + 1, self.active_blocks)
+
+    def after_optimizer_step(self, state: TrainState) -> None:
+        """At a booster's last step: merge it, start the next one, and reset the Adam state of both."""
+        if not self.booster_ends_at(state.step):
+            return
+        merged_blocks = list(self.active_blocks)
+        state.reset_optimizer_state(self.next_booster())
+        log.info("xgblora step %d: merged booster %d (blocks %s); booster %d/%d on blocks %s", state.step,
+                 self.booster_index, merged_blocks, self.booster_index + 1, self.n_boosters, self.active_blocks)
 
     def progress(self) -> dict[str, Any]:
         return {"booster": self.booster_index + 1, "blocks": ",".join(map(str, self.active_blocks))}
@@ -438,41 +452,3 @@ class XGBLoRA(AdapterMethod):
         chosen = set(self.active_blocks)
         for name, layer in self.layers.items():  # the pairs themselves come back with the adapter tensors
             layer.set_active(self.targets[name].layer_index in chosen)
-
-    def describe(self) -> str:
-        return (f"xgblora ({self.n_boosters} rank-{self.booster_rank} boosters, L_s={self.layers_per_booster} of "
-                f"{len(self.blocks)} blocks, {self.block_sampling})")
-
-
-class BoostingHook(TrainerHook):
-    """At each booster's last step (after the optimizer step): merge it, start the next, reset its Adam state."""
-
-    def __init__(self, method: XGBLoRA) -> None:
-        self.method = method
-
-    def on_train_begin(self, state: TrainState) -> None:
-        m = self.method
-        m.set_total_steps(state.total_steps)
-        log.info("xgblora: %d steps -> %d rank-%d boosters (~%.0f steps each), %d of %d blocks each, %s sampling "
-                 "(sample seed %d); booster %d on blocks %s", state.total_steps, m.n_boosters, m.booster_rank,
-                 state.total_steps / max(m.n_boosters, 1), m.layers_per_booster, len(m.blocks), m.block_sampling,
-                 m.sample_seed, m.booster_index + 1, m.active_blocks)
-
-    def after_optimizer_step(self, state: TrainState) -> None:
-        m = self.method
-        if not m.booster_ends_at(state.step):
-            return
-        merged_blocks = list(m.active_blocks)
-        params = m.next_booster()
-        state.reset_optimizer_state(params)
-        log.info("xgblora step %d: merged booster %d (blocks %s); booster %d/%d on blocks %s", state.step,
-                 m.booster_index, merged_blocks, m.booster_index + 1, m.n_boosters, m.active_blocks)
-
-    def progress(self) -> dict[str, Any]:
-        return self.method.progress()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.method.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.method.load_state_dict(state)

@@ -52,3 +52,22 @@ class TrainerHook:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+class ScheduleHook(TrainerHook):
+    """The hook of a method with a training-time schedule (pruning, boosting, allocation): forwards the trainer's
+    call points to the method's `on_train_begin(state)` / `after_optimizer_step(state)` and shows its
+    `progress()`. It holds no state of its own: the schedule's state is the method's, which a checkpoint saves
+    once (methods' `state_dict()`)."""
+
+    def __init__(self, schedule) -> None:
+        self.schedule = schedule
+
+    def on_train_begin(self, state: TrainState) -> None:
+        self.schedule.on_train_begin(state)
+
+    def after_optimizer_step(self, state: TrainState) -> None:
+        self.schedule.after_optimizer_step(state)
+
+    def progress(self) -> dict[str, Any]:
+        return self.schedule.progress()
