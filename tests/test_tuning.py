@@ -35,7 +35,7 @@ def test_selection_is_the_best_mean_per_method_and_task_ties_to_the_smaller_lr(t
             for seed, v in zip((101, 102), values):
                 _lr_run(root, f"{method}_{task}_{lr:g}_s{seed}", lr, task=task, method=method, seed=seed,
                         best={"accuracy": v})
-    paths = tuning.select_learning_rates(root)
+    paths = report.select_learning_rates(root)
     chosen = {(c["method"], c["task"]): c["selected"] for c in json.loads((root / "selected" /
                                                                            "selected_lr.json").read_text())}
     assert chosen == {("lora", "rte"): 1e-2, ("lora", "mrpc"): 1e-3, ("dora", "rte"): 1e-3}
@@ -53,7 +53,7 @@ def test_a_sweep_that_mixes_budgets_is_refused(tmp_path, capsys):
     _lr_run(root, "a", 1e-3, task="rte", budget="r8", best={"accuracy": .6})
     _lr_run(root, "b", 1e-3, task="rte", budget="r2", best={"accuracy": .6})
     with pytest.raises(ConfigError, match="mixes budgets"):
-        tuning.select_learning_rates(root)
+        report.select_learning_rates(root)
     assert report.main([str(root), "--select-lr", "--no-plots"]) == 2
     assert "error: the tuning sweep mixes" in capsys.readouterr().err
 

@@ -130,9 +130,9 @@ class SweepReportCallback(Callback):
 
     @staticmethod
     def _write_lr_selection(sweep_dir: Path) -> None:
-        from .tuning import select_learning_rates
+        from .report import select_learning_rates
 
-        paths = select_learning_rates(sweep_dir)
+        select_learning_rates(sweep_dir)
         selected = sweep_dir / "selected"
         log.info("selected learning rates: %s; run the final sweep with hydra.searchpath=[file://%s]",
                  selected / "selected_lr.md", selected.resolve())

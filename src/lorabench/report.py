@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from . import paired
+from . import paired, tuning
 
 GLUE_ORDER = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 TASK_TITLES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
@@ -858,6 +858,15 @@ def build_report(root: str | Path, out_dir: str | Path | None = None, plots: boo
     return report
 
 
+def select_learning_rates(root: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Read the tuning sweep under `root` and write its learning-rate selection (default `<root>/selected`; the
+    rule and the files: lorabench/tuning.py). Returns the files written."""
+    root = Path(root)
+    jobs = [read_job(d, root) for d in find_job_dirs(root)]
+    return tuning.write_selection(tuning.collect(jobs), Path(out_dir) if out_dir is not None else root / "selected",
+                                  str(root))
+
+
 def _first_error_line(j: Job) -> str:
     err = str(j.results.get("error") or j.results.get("status")).strip().splitlines()
     return err[0] if err else "failed"
@@ -1018,7 +1027,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"report: {report.out_dir / 'report.md'} ({report.counts()})")
     if args.select_lr is not None:
         from .errors import ConfigError
-        from .tuning import select_learning_rates
 
         try:
             paths = select_learning_rates(root, Path(args.select_lr) if args.select_lr else None)

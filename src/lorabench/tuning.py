@@ -114,12 +114,3 @@ def objective_value(results: dict[str, Any] | None) -> float:
         return float("nan")
     value = (results.get("best") or {}).get(results.get("primary_metric"))
     return float(value) if isinstance(value, (int, float)) else float("nan")
-
-
-def select_learning_rates(root: Path, out_dir: Path | None = None) -> list[Path]:
-    """Read the tuning sweep under `root` and write the selection (default: `<root>/selected`)."""
-    from .report import find_job_dirs, read_job
-
-    root = Path(root)
-    jobs = [read_job(d, root) for d in find_job_dirs(root)]
-    return write_selection(collect(jobs), Path(out_dir) if out_dir is not None else root / "selected", str(root))
