@@ -338,3 +338,34 @@ def test_paper_presets_compose_for_each_of_their_tasks(preset, model, method):
         row = cfg["paper_hparams"][task]
         assert cfg["model"]["name"] == model and cfg["method"]["name"] == method and cfg["task"]["name"] == task
         assert cfg["trainer"]["lr"] == row["lr"] and cfg["trainer"]["epochs"] == row["epochs"]
+
+
+# --- resumable sweeps ------------------------------------------------------------------------------------------
+
+def test_a_sweep_run_again_runs_only_the_missing_jobs(tmp_path, glue_env):
+    """Re-running a sweep into the same directory skips every job already ok with the same config, re-runs the
+    killed (no results.json / status running) and failed ones, says how many it skipped, and reports them all."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "method=lora", "task=rte,wnli", "seed=1,2", *SMALL, f"hydra.sweep.dir={sweep}"]
+    p = run_train(args, cwd=tmp_path, env=glue_env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    jobs = sorted(d for d in sweep.iterdir() if (d / "results.json").exists())
+    assert len(jobs) == 4
+    killed, failed, kept = jobs[0], jobs[1], jobs[2:]
+    (killed / "results.json").write_text(json.dumps({"status": "running", "config": results(killed)["config"]}))
+    r = results(failed)
+    r["status"] = "failed"
+    (failed / "results.json").write_text(json.dumps(r))
+    before = {d: (d / "results.json").stat().st_mtime_ns for d in kept}
+    p = run_train(args, cwd=tmp_path, env=glue_env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert {d: (d / "results.json").stat().st_mtime_ns for d in kept} == before  # not run again
+    assert results(killed)["status"] == results(failed)["status"] == "ok"
+    log = p.stderr + p.stdout
+    assert log.count("already finished ok with this configuration") == 2
+    assert "2 of 4 finished jobs were already ok" in log and "2 ran now" in log
+    md = (sweep / "report.md").read_text()
+    assert "4 job(s): 4 ok" in md
+    # a changed configuration is a different job: it runs again
+    p = run_train([*args, "trainer.max_eval_samples=8"], cwd=tmp_path, env=glue_env)
+    assert p.returncode == 0 and "already finished ok" not in p.stderr + p.stdout

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError, LorabenchError, RunInterrupted
-from .rundir import FRESH_DIR_FILES
+from .rundir import FRESH_DIR_FILES, finished_ok
 
 log = logging.getLogger("lorabench")
 
@@ -56,6 +56,12 @@ def run_configured_job(config: dict[str, Any] | Callable[[], dict[str, Any]], ou
                                   f"run it with -m: python -m train -m {' '.join(sys.argv[1:])}".rstrip())
             if callable(config):
                 config = _resolve_or_record(config, Path(out_dir), composed)
+            if in_sweep:
+                previous = finished_ok(out_dir, config)
+                if previous is not None:  # a sweep run again into its directory: only the missing jobs run
+                    log.info("already finished ok with this configuration in %s: skipped (delete its "
+                             "results.json to run it again)", out_dir)
+                    return previous
             return run_job(config, out_dir, signals=signals)
     except RunInterrupted as e:
         if signals.hand_over(e.signum):  # submitit requeues the job (and exits); the requeued job resumes

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,13 @@ def count_sweep_jobs(command_line: list[str], grid: dict[str, Any]) -> int | Non
     return math.prod(counts.values())
 
 
+def skipped_jobs(ok_jobs: list, started_at: float | None) -> int:
+    """Ok jobs whose results.json predates the sweep's start: a re-run sweep skipped them (cli.run_configured_job)."""
+    if started_at is None:
+        return 0
+    return sum(1 for j in ok_jobs if j.finished_at() < started_at)
+
+
 def print_main_table(report_md: Path) -> None:
     """The report's first table (best epoch) in the terminal, so a sweep ends with its result."""
     try:
@@ -112,6 +120,7 @@ class SweepReportCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.total_jobs = count_sweep_jobs(list(config.hydra.overrides.task),
                                            dict(config.hydra.sweeper.get("params") or {}))
+        self.started_at = time.time()  # jobs whose results.json is older were finished before: skipped
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         total = getattr(self, "total_jobs", None)  # None in a launcher's worker process (another copy of us)
@@ -151,6 +160,10 @@ class SweepReportCallback(Callback):
                 rep = build_report(sweep_dir, sweep_dir, plots=self.plots)
                 failed += [j.dir.resolve() for j in rep.not_ok]
                 log.info("sweep report: %s (%s)", sweep_dir / "report.md", rep.counts())
+                skipped = skipped_jobs(rep.ok, getattr(self, "started_at", None))
+                if skipped:
+                    log.info("%d of %d finished jobs were already ok in %s before this sweep started and were "
+                             "skipped; %d ran now", skipped, len(rep.ok), sweep_dir, len(rep.jobs) - skipped)
                 if self.select_lr:
                     self._write_lr_selection(sweep_dir)
             except Exception:  # the sweep's results are on disk; `python -m report` can be rerun by hand

@@ -116,3 +116,32 @@ def release(run_dir: str | Path) -> None:
     fd = _held.pop(str(Path(run_dir).resolve()), None)
     if fd is not None:
         os.close(fd)
+
+
+# Config keys that say how a job is shown or where caches live, not what it computes: a re-run sweep may change
+# them and still count an earlier job as the same job.
+PRESENTATION_KEYS = ("group", "run_name", "logger", "trainer.progress_bar", "trainer.log_every", "data.cache_dir")
+
+
+def _comparable(config: dict) -> dict:
+    out = {k: v for k, v in (config or {}).items() if k not in PRESENTATION_KEYS}
+    for key in PRESENTATION_KEYS:
+        head, _, tail = key.partition(".")
+        if tail and isinstance(out.get(head), dict):
+            out[head] = {k: v for k, v in out[head].items() if k != tail}
+    return out
+
+
+def finished_ok(run_dir: str | Path, config: dict) -> dict | None:
+    """The results of a job that already finished ok in `run_dir` with the same configuration (up to
+    PRESENTATION_KEYS), else None. A sweep run again into its directory skips such jobs and re-runs the others
+    (failed, interrupted, killed, or a changed configuration)."""
+    import json
+
+    try:
+        results = json.loads((Path(run_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if results.get("status") != "ok" or not isinstance(results.get("config"), dict):
+        return None
+    return results if _comparable(results["config"]) == _comparable(config) else None
