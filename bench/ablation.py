@@ -12,7 +12,7 @@ rebuilt with `python -m report`.
   python bench/ablation.py --list                       # the arms and their overrides
   python bench/ablation.py --report-only
 
-Runs land in bench/results/ablation_<study>/runs/<arm>/<task>_s<seed>/ (results.json, metrics.jsonl,
+Runs land in bench/results/ablation_<study>/jobs/<arm>/<task>_s<seed>/ (results.json, metrics.jsonl,
 train_log.jsonl and .hydra/ are committed; adapter weights are git-ignored). The LoRA arm is shared: it runs once
 under ablation_xgblora and is copied into ablation_dynamic_lora for that report.
 """
@@ -59,7 +59,7 @@ SHARED = {"lora": ["dynamic_lora"]}  # arm -> other studies whose report include
 
 
 def job_dir(arm: str, task: str, seed: int) -> Path:
-    return RESULTS / f"ablation_{ARMS[arm][0]}" / "runs" / arm / f"{task}_s{seed}"
+    return RESULTS / f"ablation_{ARMS[arm][0]}" / "jobs" / arm / f"{task}_s{seed}"
 
 
 def done(path: Path) -> bool:
@@ -115,13 +115,15 @@ def report(study: str) -> None:
     root = RESULTS / f"ablation_{study}"
     for arm, others in SHARED.items():
         if study in others:
-            src = RESULTS / f"ablation_{ARMS[arm][0]}" / "runs" / arm
+            src = RESULTS / f"ablation_{ARMS[arm][0]}" / "jobs" / arm
             if src.exists():
-                dst = root / "runs" / arm
+                dst = root / "jobs" / arm
                 shutil.rmtree(dst, ignore_errors=True)
                 shutil.copytree(src, dst, ignore=shutil.ignore_patterns("adapter", "checkpoints"))
-    if (root / "runs").exists():
-        subprocess.run([sys.executable, "-m", "report", str(root / "runs"), "--out", str(root)], cwd=REPO,
+    if (root / "jobs").exists():
+        # relative paths: the report names its source, and the committed report should not name this machine
+        subprocess.run([sys.executable, "-m", "report", os.path.relpath(root / "jobs", REPO), "--out",
+                        os.path.relpath(root, REPO)], cwd=REPO,
                        env={**os.environ, "PYTHONPATH": str(REPO / "src")}, check=False)
 
 
