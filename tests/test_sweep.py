@@ -139,7 +139,7 @@ def test_sweep_plots_are_pngs_and_heatmap_matches_results(ok_sweep):
 
     sweep, _ = ok_sweep
     names = sorted(p.name for p in (sweep / "plots").glob("*.png"))
-    assert names == ["budget_rte.png", "budget_wnli.png", "eval_rte.png", "eval_wnli.png",
+    assert names == ["budget_rte.png", "budget_wnli.png", "eval_rte.png", "eval_wnli.png", "pareto.png",
                      "ranks_dora_dynamic_rte.png", "ranks_dora_dynamic_wnli.png"]
     for name in names:
         img = matplotlib.image.imread(sweep / "plots" / name)
