@@ -7,7 +7,7 @@ What is the paper's (methods.md §5.1; abstract and the public ICLR 2025 reviews
   - the merge has a step size α_t (a reviewer: a constant 1, our `shrinkage`); the booster objective has a norm
     penalty on A and B (our `booster_l2`, weight unknown).
 No public code exists. Everything concrete below is OUR design: methods.md §5.3, revised by §5.5 [ours]
-(revision 2; its defaults were then chosen by the ablation in bench/results/ablation_xgblora/):
+(revision 2; its defaults are to be chosen by the ablation in bench/results/ablation_xgblora/, in progress):
   - K = the trainer's total optimizer steps, split into `n_boosters` boosters of near-equal length (booster t
     ends at step ⌊t·K/n⌋, so there are exactly n of them; `steps_per_booster` κ overrides this with the §5.3
     rule, ⌈K/κ⌉ boosters of κ steps). The default n keeps the stored factored size at LoRA-r's (see
