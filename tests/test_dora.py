@@ -12,6 +12,7 @@ from torch import nn
 from lorabench import methods
 from lorabench.backbone import ModelSpec
 from lorabench.budget import Budget
+from lorabench.methods.base import AdapterDropout, draw_keep_mask
 from lorabench.methods.dora import DoraLinear
 from conftest import TINY_SPEC_DICT, require, tiny_batch, tiny_bert
 
@@ -146,7 +147,7 @@ def test_active_dropout_recomputes_base_term_on_dropped_input():
     torch.manual_seed(7)
     y = layer(x)
     torch.manual_seed(7)
-    x_dropped = F.dropout(x, 0.5, training=True)  # the same mask: the layer's only random draw
+    x_dropped = x * draw_keep_mask(x.shape, 0.5, x.device) / 0.5  # the same mask: the layer's only random draw
     g = layer.gain()
     w0 = layer.base.weight
     expected = (F.linear(x, w0, layer.base.bias) + (g - 1) * F.linear(x_dropped, w0)
@@ -258,6 +259,8 @@ def _peft_twin(base_model, ours, rank, alpha, dropout=0.0, rslora=False):
     with torch.no_grad():
         for name, layer in ours.layers.items():
             mod = ref.base_model.model.get_submodule(name)
+            if dropout > 0:  # our masks come from another generator than torch's dropout: give peft the same one
+                mod.lora_dropout["default"] = AdapterDropout(dropout)
             mod.lora_A["default"].weight.copy_(layer.lora_A)
             mod.lora_B["default"].weight.copy_(layer.lora_B)
             mod.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude)
@@ -289,7 +292,8 @@ def test_parity_with_peft_logits_and_gradients(rslora):
 
 
 def test_parity_with_peft_under_active_dropout():
-    """Train mode with dropout 0.3: both draw one mask per layer in the same order, so equal seeds give equal masks."""
+    """Train mode with dropout 0.3: both draw one mask per layer in the same order (peft's dropout modules
+    swapped for ours, the same mask generator), so equal seeds give equal masks; ours runs the fused path."""
     base = tiny_bert()
     ours_model = copy.deepcopy(base)
     m = _dora(ours_model, rank=4, alpha=8, dropout=0.3)
@@ -298,6 +302,7 @@ def test_parity_with_peft_under_active_dropout():
     ours_model.train()
     ref.train()
     batch = tiny_batch()
+    assert all(layer.fuse_dropout_now(torch.zeros(1, layer.in_features)) for layer in m.layers.values())
     torch.manual_seed(11)
     out_ours = ours_model(**batch)
     torch.manual_seed(11)

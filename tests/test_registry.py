@@ -18,6 +18,7 @@ from lorabench import methods
 from lorabench.backbone import ModelSpec
 from lorabench.budget import Budget
 from lorabench.errors import ConfigError
+from lorabench.methods.base import AdapterDropout
 from conftest import REPO, TINY_SPEC_DICT, tiny_batch, tiny_bert
 
 SPEC = ModelSpec.from_dict(TINY_SPEC_DICT)
@@ -188,6 +189,42 @@ def test_folded_fp32_step_is_the_same_function(name):
         torch.testing.assert_close(grads_f[key], grads_u[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+# methods whose layers take a fused path under adapter dropout (fp32): _DroppedLowRank, or DoRA's _DroppedDora
+# (the others' branches get the dropped down-projection `_DroppedDown` where they call down())
+FUSED_DROPOUT = {"lora", "adalora", "dora", "dora_dynamic"}
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_fused_dropout_step_is_the_same_function(name):
+    """An fp32 training step with adapter dropout 0.3 through the fused dropout path: the same seed draws the same
+    masks in both paths, and logits and every gradient equal the plain form's (autograd over drop(x))."""
+    results = []
+    for fuse in (True, False):
+        model = tiny_bert()
+        torch.manual_seed(0)
+        method = methods.attach(model, SPEC, {**method_config(name), "dropout": 0.3, "fold_low_rank": fuse}, BUDGET)
+        _perturb(method)
+        model.train()
+        x = torch.randn(2, 5, 32)
+        fused = [layer.fuse_dropout_now(x) for layer in method.layers.values() if hasattr(layer, "fuse_dropout_now")]
+        torch.manual_seed(5)
+        out = model(**tiny_batch())
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in method.named_trainable_parameters() if p.grad is not None}
+        results.append((out.logits.detach(), grads, fused))
+    (logits_f, grads_f, fused), (logits_u, grads_u, unfused) = results
+    assert not any(unfused)
+    if name in FUSED_DROPOUT:
+        assert fused and all(fused)
+    torch.testing.assert_close(logits_f, logits_u, rtol=1e-5, atol=1e-6)
+    assert grads_f.keys() == grads_u.keys() and grads_f
+    for key in grads_f:
+        torch.testing.assert_close(grads_f[key], grads_u[key], rtol=1e-4, atol=1e-6, msg=key)
+    model.eval()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        assert not torch.allclose(model(**tiny_batch()).logits, logits_f, rtol=0, atol=1e-6)  # the dropout acted
+
 
 def test_fold_is_used_where_it_applies_and_only_there():
     model = tiny_bert()
@@ -198,10 +235,15 @@ def test_fold_is_used_where_it_applies_and_only_there():
     assert layer.fold_now(x)
     with torch.no_grad():
         assert layer.fold_now(x)  # an unmerged eval forward folds too (forward only)
-    layer.dropout = torch.nn.Dropout(0.1)
+    layer.dropout = AdapterDropout(0.1)
     assert not layer.fold_now(x)  # base and adapter would see different inputs
+    assert layer.fuse_dropout_now(x)  # ... the dropout path instead
+    assert not layer.fuse_dropout_now(x.to(torch.bfloat16))
+    layer.dropout = torch.nn.Dropout(0.1)  # a foreign dropout module draws its own masks: the plain path
+    assert not layer.fold_now(x) and not layer.fuse_dropout_now(x)
     model.eval()
     assert layer.fold_now(x)  # dropout is inactive in eval
+    assert not layer.fuse_dropout_now(x)
     model.train()
     layer.dropout = torch.nn.Identity()
     assert not layer.fold_now(x.to(torch.bfloat16))
@@ -231,3 +273,24 @@ def test_fused_autograd_functions_pass_gradcheck():
     assert torch.autograd.gradcheck(_FoldedLowRank.apply, (x, w0, None, a, b, cs.detach(), rand(4)))
     down, gate_v = rand(4, 5), rand(1)  # [A; u'] for r = 3
     assert torch.autograd.gradcheck(_TokenGatedLowRank.apply, (x, w0, bias, down, gate_v, b, cs.detach(), 0.5))
+
+
+def test_fused_dropout_functions_pass_gradcheck():
+    """The dropout paths' backwards against finite differences, for a fixed mask (float64, small shapes)."""
+    from lorabench.methods.base import _DroppedDown, _DroppedLowRank
+    from lorabench.methods.dora import _DroppedDora
+
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    x, w0, bias = rand(2, 3, 5), rand(4, 5, grad=False), rand(4, grad=False)
+    a, b, cs = rand(3, 5), rand(4, 3), rand(3)
+    keep = torch.rand(x.shape, generator=g) >= 0.4  # a fixed dropout mask, scale 1/(1 − 0.4)
+    assert torch.autograd.gradcheck(_DroppedLowRank.apply, (x, w0, bias, a, b, cs, keep, 1 / 0.6))
+    assert torch.autograd.gradcheck(_DroppedLowRank.apply, (x, w0, None, a, b, cs.detach(), keep, 1 / 0.6))
+    gain = rand(4)
+    assert torch.autograd.gradcheck(_DroppedDora.apply, (x, w0, bias, a, b, gain, keep, 1 / 0.6, 1.5))
+    assert torch.autograd.gradcheck(_DroppedDora.apply, (x, w0, None, a, b, gain, keep, 1 / 0.6, 1.5))
+    assert torch.autograd.gradcheck(_DroppedDown.apply, (x, a, keep, 1 / 0.6))

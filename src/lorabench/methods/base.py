@@ -8,11 +8,15 @@ reporter needs (ledger, rank pattern) comes from here too, so the trainer never 
 from __future__ import annotations
 
 import math
+import os
+import sys
+import threading
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,6 +115,266 @@ class _FoldedLowRank(torch.autograd.Function):
         return grad_x, None, None, grad_A, grad_B, grad_cs, grad_gain
 
 
+# --- adapter dropout ----------------------------------------------------------------------------------------
+
+def draw_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str) -> torch.Tensor:
+    """A bool mask of `shape`, each entry True (kept) with probability 1 − p, independently: dropout's mask.
+
+    On the CPU the bits come from numpy's PCG64, seeded by one draw from torch's default generator (so
+    `torch.manual_seed` and a checkpoint's RNG state decide the mask, as they do torch's dropout). torch's CPU
+    `bernoulli_` costs ~14 ns an entry on this project's CPU (47% of a LoRA step at adapter dropout 0.1 on all
+    36 maps); this costs ~0.5–1 ns. Each entry reads one random byte r: dropped when r < ⌊256·p⌋, kept
+    when r > ⌊256·p⌋, and the tie (1/256 of the entries, found word by word) is decided by 32 more bits, so the
+    keep probability is 1 − p to within 2⁻⁴⁰ (torch's float uniforms: 2⁻²⁴). A large mask is drawn in blocks on
+    torch's threads (PCG64 jumps ahead to a block's start, so the mask does not depend on the threads), into a
+    recycled buffer (`_mask_buffer`). Elsewhere (CUDA) the device's own generator draws.
+    """
+    device = torch.device(device)
+    if p <= 0:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if p >= 1:
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    if device.type != "cpu":
+        return torch.rand(shape, device=device) >= p
+    n = math.prod(shape)
+    seed = int(torch.randint(0, 2**62, (1,)))
+    n_words = (n + 7) // 8  # one random 64-bit word holds 8 entries' bytes; the tail of the last one is unused
+    keep = _mask_buffer(8 * n_words)  # the mask outlives this call (until backward)
+    is_tie = _scratch("tie", 8 * n_words).view(np.bool_)
+    cut = p * 256.0
+    whole = int(cut)
+    frac = cut - whole
+
+    # one block per thread: PCG64 jumps to a block's first word, so the split does not change the mask
+    parts = max(1, min(torch.get_num_threads(), n_words // _MIN_BLOCK_WORDS))
+    bounds = [n_words * k // parts for k in range(parts + 1)]
+
+    def block(k: int) -> np.ndarray | None:
+        lo, hi = bounds[k], bounds[k + 1]
+        bits = np.random.PCG64(seed)
+        bits.advance(lo)
+        r = bits.random_raw(hi - lo).view(np.uint8)
+        out, tie = keep[8 * lo:8 * hi], is_tie[8 * lo:8 * hi]
+        if frac == 0.0:
+            np.greater_equal(r, whole, out=out)
+            return None
+        np.equal(r, whole, out=tie)
+        np.greater(r, whole, out=out)
+        words = np.flatnonzero(tie.view(np.uint64) != 0)  # the words holding a tie: 8x fewer entries to scan
+        at = np.flatnonzero(tie.view(np.uint64)[words].view(np.bool_))
+        return (lo + words[at // 8]) * 8 + at % 8
+
+    ties = [t for t in _map_on_threads(block, range(parts)) if t is not None]
+    if ties and sum(t.size for t in ties):
+        ties = np.concatenate(ties)
+        bits = np.random.PCG64(seed)
+        bits.advance(n_words)  # the words after the mask's: U = (r + V)/256 with V from 32 bits, kept when V >= frac
+        keep[ties] = (bits.random_raw(ties.size) >> np.uint64(32)) >= math.ceil(frac * 2.0**32)
+    return torch.from_numpy(keep[:n]).view(shape)
+
+
+_MIN_BLOCK_WORDS = 1 << 14  # a mask is split over threads in blocks of at least 128 Ki entries
+_mask_buffers: list[np.ndarray] = []  # the masks' buffers of recent steps, in use or free
+_MASK_BUFFERS_KEPT = 128
+
+
+def _mask_buffer(nbytes: int) -> np.ndarray:
+    """A bool buffer of `nbytes` for a dropout mask, recycled: a mask lives from its forward to its backward, and
+    fresh memory costs page faults here (~0.5 ns a byte, a third of drawing the mask). A buffer is free again
+    when no array or tensor refers to it any more (its reference count is ours alone); one at most twice the
+    size asked for is reused, so varying sequence lengths reuse the buffers of longer batches."""
+    with _mask_lock:
+        best = None
+        for buf in _mask_buffers:
+            # references: the list's, the loop variable's and getrefcount's argument
+            if nbytes <= buf.size <= 2 * nbytes and sys.getrefcount(buf) <= 3 and (best is None or buf.size < best.size):
+                best = buf
+        if best is None:
+            best = np.empty(nbytes, dtype=np.bool_)
+            _mask_buffers.append(best)
+            if len(_mask_buffers) > _MASK_BUFFERS_KEPT:  # forget the smallest free ones (sizes change with the data)
+                free = sorted((b for b in _mask_buffers if sys.getrefcount(b) <= 3 and b is not best), key=len)
+                for b in free[:len(_mask_buffers) - _MASK_BUFFERS_KEPT]:
+                    _mask_buffers.remove(b)
+        return best[:nbytes]
+
+
+_mask_lock = threading.Lock()
+_threads = threading.local()
+_pool: tuple[int, int, Any] | None = None  # (pid, workers, ThreadPoolExecutor)
+
+
+def _map_on_threads(fn, items) -> list:
+    """`[fn(i) for i in items]`, the first item on this thread and the others on a pool's threads at once. numpy
+    releases the GIL in its random draws and elementwise loops, and torch's own threads idle meanwhile."""
+    global _pool
+    items = list(items)
+    if len(items) < 2 or getattr(_threads, "in_pool", False):
+        return [fn(i) for i in items]
+    workers = len(items) - 1
+    if _pool is None or _pool[0] != os.getpid() or _pool[1] < workers:  # a forked child does not inherit threads
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="lorabench-mask",
+                                                          initializer=lambda: setattr(_threads, "in_pool", True)))
+    others = [_pool[2].submit(fn, i) for i in items[1:]]
+    first = fn(items[0])
+    return [first] + [f.result() for f in others]
+
+
+def _scratch(name: str, nbytes: int) -> np.ndarray:
+    """A reused uint8 buffer of at least `nbytes` for a temporary that dies within one call (per thread): fresh
+    activation-sized memory costs page faults on every call, a reused buffer does not."""
+    buffers = _threads.__dict__
+    buf = buffers.get(name)
+    if buf is None or buf.size < nbytes:
+        buf = buffers[name] = np.empty(nbytes, dtype=np.uint8)
+    return buf[:nbytes]
+
+
+def _float_mask(keep: torch.Tensor, like: torch.Tensor, temporary: bool = False) -> torch.Tensor:
+    """`keep` as a 0/1 tensor of `like`'s dtype, for the caller to write into. `temporary`: a reused buffer
+    (on the CPU), valid until the next call (a fused function's forward or backward uses it and lets go).
+
+    Copied from the mask's bytes read as uint8: torch's uint8 → float copy is vectorized (~0.1 ns an entry here),
+    its bool → float copy and `x * keep` with a bool or uint8 mask are not (~0.6–0.8 ns)."""
+    if keep.device.type != "cpu":
+        return keep.to(like.dtype)
+    if temporary:
+        out = torch.from_numpy(_scratch("float_mask", keep.numel() * like.element_size())).view(like.dtype)
+    else:
+        out = torch.empty(keep.numel(), dtype=like.dtype)
+    return out.view(keep.shape).copy_(keep.view(torch.uint8))
+
+
+def keep_scale(p: float) -> float:
+    """1/(1 − p), what kept entries are multiplied by (0 when everything is dropped)."""
+    return 0.0 if p >= 1 else 1.0 / (1.0 - p)
+
+
+class _KeepScale(torch.autograd.Function):
+    """`x ⊙ keep / (1 − p)` that saves the bool mask (1 byte an entry) for backward, not a float copy."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.scale = scale
+        ctx.save_for_backward(keep)
+        return _masked_scaled(x, keep, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return _masked_scaled(grad, keep, ctx.scale), None, None
+
+
+def _masked_scaled(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """`x ⊙ keep · scale` as a new tensor in one pass over x (`0 + scale·mask·x`: one rounding, also in bf16)."""
+    return torch.addcmul(x.new_zeros(()), _float_mask(keep, x, temporary=True), x, value=scale)
+
+
+class AdapterDropout(nn.Dropout):
+    """`nn.Dropout` on an adapter's input with a cheap mask (`draw_keep_mask`): same distribution, a
+    different random stream than torch's dropout.
+
+    `keep_mask(x)` is the one place a mask is drawn, by this module's forward and by the fused paths of
+    `LowRankLinear` alike, so both paths see the same mask for the same seed. When `shared` is set (a
+    `SharedInputGroup` with `shared_dropout_mask`), the members reading one input take one mask.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__(p)
+        self.shared: SharedInputGroup | None = None
+
+    def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared is not None:
+            return self.shared.keep_mask(self, x)
+        return draw_keep_mask(x.shape, self.p, x.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return _KeepScale.apply(x, self.keep_mask(x), keep_scale(self.p))
+
+
+class _DroppedLowRank(torch.autograd.Function):
+    """`y = x W0ᵀ + b + ((x ⊙ keep) Aᵀ ⊙ cs/(1 − p)) Bᵀ`: a low-rank adapter with active input dropout, for an fp32
+    call. The base GEMM reads the clean x and the dropped input appears only on the r-wide side.
+
+    Autograd's form writes and keeps a dropped copy of x per adapter (4 bytes an entry, plus dropout's own
+    mask), a separate d_out-wide adapter output and its add, and in backward the d_in-wide dropout gradient and
+    its add to ∂x. Here: 1/(1 − p) rides on the r-wide cs; the adapter output is the buffer the base GEMM
+    accumulates into (β = 1); in backward `∂x = ((u ⊙ cs') A) ⊙ keep + ∂Y W0` is accumulated the same way; the
+    dropped x is recomputed from x and the bool mask for ∂A. Saved: x (often saved anyway, and shared by
+    q/k/v), the bool mask (1 byte an entry) and the r-wide hidden. With u = ∂Y B, cs' = cs/(1 − p):
+        ∂A = (u ⊙ cs')ᵀ (x ⊙ keep),  ∂B = (hᵀ ∂Y)ᵀ diag(cs'),  ∂cs = Σ_tokens u ⊙ h / (1 − p),  h = (x ⊙ keep) Aᵀ.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, cs, keep, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        h = _float_mask(keep, x2, temporary=True).view(x2.shape).mul_(x2) @ lora_A.t()  # the dropped x, for h only
+        hs = h * (cs * scale)
+        out = hs @ lora_B.t() if bias is None else torch.addmm(bias, hs, lora_B.t())
+        out.addmm_(x2, weight.t())
+        ctx.scale = scale
+        ctx.save_for_backward(x, keep, h, weight, lora_A, lora_B, cs)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, keep, h, weight, lora_A, lora_B, cs = ctx.saved_tensors
+        need_x, _, _, need_A, need_B, need_cs, _, _ = ctx.needs_input_grad
+        scale = ctx.scale
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        mask = _float_mask(keep, x2, temporary=True).view(x2.shape)
+        cs_scaled = cs * scale
+        u = (lora_B.t() @ g.t()).t()  # ∂Y B on the fast side of the GEMM (_UpProjection)
+        us = u * cs_scaled
+        grad_x = grad_A = grad_B = grad_cs = None
+        if need_x:
+            grad_x = (us @ lora_A).mul_(mask).addmm_(g, weight).view(x.shape)
+        if need_A:
+            grad_A = us.t() @ mask.mul_(x2)  # the dropped x, recomputed (the mask is not needed after this)
+        if need_B:
+            grad_B = (h.t() @ g).t() * cs_scaled
+        if need_cs:
+            grad_cs = (u * h).sum(dim=0) * scale
+        return grad_x, None, None, grad_A, grad_B, grad_cs, None, None
+
+
+class _DroppedDown(torch.autograd.Function):
+    """`h = (x ⊙ keep) Wᵀ / (1 − p)`: an adapter's down-projection of its dropped input, for an fp32 call of a layer
+    that adds its branch itself (`branch()` / `down()`: xgblora's boosters, a gated dynamic_lora).
+
+    `F.linear(dropout(x), W)` writes a dropped fp32 copy of x and keeps it (plus dropout's mask) for ∂W; here the
+    copy is a reused buffer, gone after the r-wide product, and backward recomputes it from x and the bool mask:
+        ∂x = (∂h W) ⊙ keep / (1 − p),  ∂W = ∂hᵀ (x ⊙ keep) / (1 − p).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, keep, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        h = (_float_mask(keep, x2, temporary=True).view(x2.shape).mul_(x2) @ weight.t()).mul_(scale)
+        ctx.scale = scale
+        ctx.save_for_backward(x, weight, keep)
+        return h.view(*x.shape[:-1], h.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        x, weight, keep = ctx.saved_tensors
+        need_x, need_w, _, _ = ctx.needs_input_grad
+        x2 = x.reshape(-1, x.shape[-1])
+        g = grad_h.reshape(-1, grad_h.shape[-1]) * ctx.scale
+        mask = _float_mask(keep, x2, temporary=True).view(x2.shape)
+        grad_x = grad_w = None
+        if need_x:
+            grad_x = (g @ weight).mul_(mask).view(x.shape)
+        if need_w:
+            grad_w = g.t() @ mask.mul_(x2)
+        return grad_x, grad_w, None, None
+
+
 class SharedInputGroup:
     """Adapters that read one input tensor (q, k and v of an attention block) run their down-projections as one
     stacked matmul: `x [A_q; A_k; A_v]ᵀ` instead of three r-wide products [performance, same math].
@@ -119,13 +383,36 @@ class SharedInputGroup:
     slice when they are called with the *same tensor object* (identity, not equality) and compute their own
     otherwise, so an architecture where the members read different inputs is still exact, only not faster.
     The cache holds x and the hidden only until every member has taken its slice. Only used while no member's
-    dropout is active: with dropout each member keeps its own mask, as in PEFT.
+    dropout is active: with dropout each member keeps its own mask, as in PEFT and the papers' code.
+
+    `shared_dropout_mask` (opt-in, `+method.shared_dropout_mask=true`) gives the members one dropout mask per
+    input instead: drawn by the first member called with a new x, taken by the others in the same way as the
+    hidden. That correlates the noise of q, k and v (unlike PEFT and the reference code) for fewer random draws.
     """
 
-    def __init__(self, layers: list["LowRankLinear"]) -> None:
+    def __init__(self, layers: list["LowRankLinear"], shared_dropout_mask: bool = False) -> None:
         self.layers = layers
         self._x: torch.Tensor | None = None
         self._hidden: dict[int, torch.Tensor] = {}
+        self._mask_x: torch.Tensor | None = None
+        self._masks: dict[int, torch.Tensor] = {}
+        if shared_dropout_mask:
+            for member in layers:
+                if isinstance(member.dropout, AdapterDropout):
+                    member.dropout.shared = self
+
+    def keep_mask(self, dropout: AdapterDropout, x: torch.Tensor) -> torch.Tensor:
+        """The members' common dropout mask for input x (`AdapterDropout.keep_mask` of a member)."""
+        if self._mask_x is not x:
+            mask = draw_keep_mask(x.shape, dropout.p, x.device)
+            self._mask_x = x
+            self._masks = {id(member.dropout): mask for member in self.layers}
+        mask = self._masks.pop(id(dropout), None)
+        if mask is None:  # this member already took the mask of this x: a second call draws afresh
+            return draw_keep_mask(x.shape, dropout.p, x.device)
+        if not self._masks:
+            self._mask_x = None
+        return mask
 
     def down(self, layer: "LowRankLinear", x: torch.Tensor) -> torch.Tensor:
         if self._x is not x:
@@ -175,7 +462,7 @@ class LowRankLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=weight.device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=weight.device, dtype=torch.float32))
         # Dropout on the adapter input only: the base path sees the clean x (methods.md §1.3).
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = AdapterDropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.shared_input: SharedInputGroup | None = None  # set by AdapterMethod.attach for q/k/v
         self.allow_fold = True  # AdapterMethod.attach sets it from the method's `fold_low_rank`
@@ -201,6 +488,8 @@ class LowRankLinear(nn.Module):
     def down(self, x: torch.Tensor) -> torch.Tensor:
         """`drop(x) · down_weight()ᵀ`, through the shared-input group's stacked matmul when it can be used."""
         if self.dropout_active():
+            if isinstance(self.dropout, AdapterDropout) and self.fp32_any_dropout(x):  # no dropped copy kept
+                return _DroppedDown.apply(x, self.down_weight(), self.dropout.keep_mask(x), keep_scale(self.dropout.p))
             return F.linear(self.dropout(x), self.down_weight().to(x.dtype))
         if self.shared_input is not None:
             return self.shared_input.down(self, x)
@@ -227,16 +516,25 @@ class LowRankLinear(nn.Module):
         a subclass whose branch has one returns False."""
         return True
 
+    def fp32_any_dropout(self, x: torch.Tensor) -> bool:
+        """An fp32 call without autocast, with the fused paths allowed (`fold_low_rank`)."""
+        return (self.allow_fold and x.dtype == torch.float32
+                and self.base.weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type))
+
     def fp32_call(self, x: torch.Tensor) -> bool:
         """An fp32 call without autocast or active dropout: where the fused paths apply (training steps and
         unmerged evaluation alike; without a graph a fused function only runs its forward)."""
-        return (self.allow_fold and x.dtype == torch.float32
-                and self.base.weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
-                and not self.dropout_active())
+        return self.fp32_any_dropout(x) and not self.dropout_active()
 
     def fold_now(self, x: torch.Tensor) -> bool:
         """Whether this call runs folded (`_FoldedLowRank`): fp32, no autocast, no active dropout."""
         return self.can_fold() and self.fp32_call(x)
+
+    def fuse_dropout_now(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the fused dropout path (`_DroppedLowRank`, DoRA's `_DroppedDora`): an fp32 call
+        with active `AdapterDropout` on a layer whose update has no input-dependent part."""
+        return (self.can_fold() and isinstance(self.dropout, AdapterDropout) and self.dropout_active()
+                and self.fp32_any_dropout(x))
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (d_out, d_in) in fp32: what merge adds to the base weight."""
@@ -253,6 +551,9 @@ class LowRankLinear(nn.Module):
         if self.fold_now(x):
             return _FoldedLowRank.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
                                         self.hidden_scale(), None)
+        if self.fuse_dropout_now(x):
+            return _DroppedLowRank.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
+                                         self.hidden_scale(), self.dropout.keep_mask(x), keep_scale(self.dropout.p))
         return self.base(x) + self.branch(x)
 
     @torch.no_grad()
@@ -331,8 +632,8 @@ class AdapterMethod(ABC):
     def __init__(self, config: dict[str, Any], budget: Budget) -> None:
         self.config = dict(config)
         self.budget = budget
-        # overrides of the class defaults of the two speed paths (tests compare each with the plain path)
-        for key in ("stack_shared_inputs", "fold_low_rank"):
+        # overrides of the class defaults of the speed switches (tests compare each with the plain path)
+        for key in ("stack_shared_inputs", "fold_low_rank", "shared_dropout_mask"):
             if key in self.config:
                 setattr(self, key, bool(self.config[key]))
         self.layers: dict[str, nn.Module] = {}
@@ -370,6 +671,9 @@ class AdapterMethod(ABC):
     # Whether `attach` groups those layers for one stacked down-projection (SharedInputGroup). A method whose
     # layers have no `down()` path (or a test comparing both paths) turns it off.
     stack_shared_inputs: bool = True
+    # Opt-in: the grouped q/k/v layers take one adapter-dropout mask per input instead of one each
+    # (SharedInputGroup); off by default, as in the papers' code and PEFT.
+    shared_dropout_mask: bool = False
 
     def group_shared_inputs(self) -> None:
         by_block: dict[int, list[LowRankLinear]] = {}
@@ -379,7 +683,7 @@ class AdapterMethod(ABC):
                 by_block.setdefault(t.layer_index, []).append(layer)
         for members in by_block.values():
             if len(members) > 1:
-                group = SharedInputGroup(members)
+                group = SharedInputGroup(members, shared_dropout_mask=self.shared_dropout_mask)
                 for layer in members:
                     layer.shared_input = group
 

@@ -30,7 +30,60 @@ from torch import nn
 
 from ..budget import LedgerRow
 from . import register
-from .base import AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo, _FoldedLowRank, up_project
+from .base import (AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo, _float_mask, _FoldedLowRank,
+                   keep_scale, up_project)
+
+
+class _DroppedDora(torch.autograd.Function):
+    """DoRA's training function under active dropout (§2.2 as written), for an fp32 call:
+        y = x W0ᵀ + b + (g − 1) ⊙ (x̃ W0ᵀ) + g ⊙ s·(x̃ Aᵀ Bᵀ),   x̃ = x ⊙ keep / (1 − p),
+    computed as `y = b + g ⊙ z̃ + (x − x̃) W0ᵀ` with `z̃ = x̃ (W0 + s·B A)ᵀ`: two GEMMs, the least this function
+    allows (its base term reads the clean x, its correction the dropped one, both through the full W0), where
+    autograd's form runs three (x W0ᵀ, x̃ W0ᵀ, and the adapter) plus four activation-sized elementwise passes.
+    Backward, with M = diag(g)(W0 + s·B A) − W0 (formed again, not stored):
+        ∂x = ∂Y W0 + (∂Y M) ⊙ keep / (1 − p),   ∂g = Σ_tokens ∂Y ⊙ z̃,
+        u = (∂Y ⊙ g) B · s/(1 − p),  ∂A = uᵀ (x ⊙ keep),  ∂B = (hᵀ ∂Y)ᵀ diag-scaled by g·s/(1 − p),  h = (x ⊙ keep) Aᵀ.
+    Saved: x, the bool mask and z̃ (d_out wide, what ∂g needs); the dropped copy of x is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, gain, keep, scale, lora_scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        dropped = _float_mask(keep, x2, temporary=True).view(x2.shape).mul_(x2)  # the 1/(1 − p) rides on the weights
+        folded = torch.addmm(weight, lora_B, lora_A, alpha=lora_scale).mul_(scale)  # (W0 + s·B A)/(1 − p)
+        z = dropped @ folded.t()
+        rest = torch.add(x2, dropped, alpha=-scale, out=dropped)  # x − x̃, in the same buffer
+        y = z * gain if bias is None else torch.addcmul(bias, z, gain)
+        y.addmm_(rest, weight.t())
+        ctx.scale, ctx.lora_scale = scale, lora_scale
+        ctx.save_for_backward(x, keep, z, weight, lora_A, lora_B, gain)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, keep, z, weight, lora_A, lora_B, gain = ctx.saved_tensors
+        need_x, _, _, need_A, need_B, need_gain, _, _, _ = ctx.needs_input_grad
+        scale, s = ctx.scale, ctx.lora_scale
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        mask = _float_mask(keep, x2, temporary=True).view(x2.shape)
+        grad_x = grad_A = grad_B = grad_gain = None
+        if need_gain:
+            grad_gain = (g * z).sum(dim=0)
+        if need_x:
+            folded = torch.addmm(weight, lora_B, lora_A, alpha=s)
+            correction = (folded * gain[:, None]).sub_(weight).mul_(scale)  # M / (1 − p)
+            grad_x = (g @ correction).mul_(mask).addmm_(g, weight).view(x.shape)
+        if need_A or need_B:
+            row = gain * (s * scale)  # g·s/(1 − p) per output unit
+            dropped = mask.mul_(x2)  # the dropped x, recomputed (the mask is not needed after this)
+            if need_A:
+                u = ((lora_B * row[:, None]).t() @ g.t()).t()  # (∂Y ⊙ g) B s/(1 − p), fast side of the GEMM
+                grad_A = u.t() @ dropped
+            if need_B:
+                h = dropped @ lora_A.t()
+                grad_B = (h.t() @ g).t() * row[:, None]
+        return grad_x, None, None, grad_A, grad_B, grad_gain, None, None, None
 
 
 class DoraLinear(LowRankLinear):
@@ -88,6 +141,9 @@ class DoraLinear(LowRankLinear):
             return self.base(x)
         if self.dropout_active():
             # the base term of the correction sees the dropped input: the §2.2 form as written
+            if self.fuse_dropout_now(x):
+                return _DroppedDora.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.gain(),
+                                          self.dropout.keep_mask(x), keep_scale(self.dropout.p), self.scale)
             return self.base(x) + self.branch(x, None)
         # Without dropout, base(x) + (g − 1) ⊙ x W0ᵀ + g ⊙ s x Aᵀ Bᵀ = g ⊙ (x W0ᵀ + s x Aᵀ Bᵀ) + bias: the same
         # function with two activation-sized elementwise passes (and one saved tensor) instead of five.
