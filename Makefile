@@ -3,7 +3,7 @@ PYTHON ?= python
 GLUE_DIR ?= $(abspath ../shared/data/glue)
 export GLUE_DIR
 
-.PHONY: help install test test-slow test-gpu test-all bench bench-eval profile train sweep report clean
+.PHONY: help install test test-slow test-gpu test-all bench bench-eval bench-scaling profile train train-ddp sweep plan report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,11 +30,20 @@ bench:  ## step-time / memory benchmark (writes bench/results/)
 bench-eval:  ## eval forward (merged / unmerged) vs the backbone (writes bench/results/)
 	$(PYTHON) bench/eval_time.py
 
+bench-scaling:  ## step time and memory vs sequence, batch and backbone (writes bench/results/scaling_cpu.md)
+	$(PYTHON) bench/scaling.py --axis all
+
 profile:  ## op table of one configuration's training step (override: make profile ARGS="dora floor")
 	$(PYTHON) bench/profile_step.py $(or $(ARGS),lora)
 
 train:  ## a quick LoRA run on RTE (override: make train ARGS="method=dora task=mrpc")
 	$(PYTHON) -m train method=lora task=rte trainer=debug $(ARGS)
+
+train-ddp:  ## the quick run on 2 CPU processes, one job (torchrun, gloo; override ARGS)
+	torchrun --standalone --nproc_per_node=2 -m train method=lora task=rte trainer=debug model=tiny $(ARGS)
+
+plan:  ## steps and estimated time of a sweep, training nothing (override ARGS)
+	$(PYTHON) -m train -m method=lora,dora_dynamic task=rte,mrpc,sst2 seed=1,2,3 +plan=true $(ARGS)
 
 sweep:  ## a small sweep + report (override ARGS)
 	$(PYTHON) -m train -m method=lora task=rte,wnli seed=1,2 trainer=debug logger=none $(ARGS)

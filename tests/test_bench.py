@@ -22,6 +22,40 @@ def test_bench_script_quick_mode(script, baseline):
     assert "| config |" in proc.stdout and baseline in proc.stdout
 
 
+def test_step_time_merges_parts_into_one_table_set(tmp_path):
+    """Parts of one bench run separately (a dropout setting or a sequence length each, with their commands) are
+    rendered as one file: a table per (dropout, seq), every part's command listed; parts of another setup refuse."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import step_time
+
+    setup = {"device": "cpu", "precision": "fp32", "model": "minilm", "batch": 32, "rank": 8, "model_dropout": None,
+             "rounds": 5, "steps": 1, "warmup": 1, "torch": "x", "cpu": "y", "cpus": 2, "seconds": 10}
+    def row(config, seq, dropout, ratio):
+        return {"config": config, "seq": seq, "adapter_dropout": dropout, "median_ms": 100 * ratio,
+                "to_floor": ratio, "to_floor_iqr": [ratio, ratio], "samples": 5}
+    parts = [{"argv": ["--adapter-dropout", str(d), "--seqs", "64", "--no-memory"], "setup": setup,
+              "rows": [row("floor", 64, d, 1.0), row("lora", 64, d, 1.1 + d)]} for d in (0.0, 0.1)]
+    parts.append({"argv": ["--memory-only"], "setup": {**setup, "memory_only": True},  # joins the timing rows
+                  "rows": [{"config": c, "seq": 64, "adapter_dropout": 0.1, "peak_mb": mb}
+                           for c, mb in (("floor", 900.0), ("lora", 1000.0))]})
+    files = []
+    for k, part in enumerate(parts):
+        files.append(tmp_path / f"part{k}.json")
+        files[-1].write_text(json.dumps(part))
+    out = tmp_path / "all.md"
+    assert step_time.main(["--merge", *map(str, files), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## seq 64, adapter dropout 0\n" in text and "## seq 64, adapter dropout 0.1\n" in text
+    assert "--adapter-dropout 0.0 --seqs 64 --no-memory" in text and "--adapter-dropout 0.1 --seqs 64" in text
+    assert "| lora | 120 | 1.20 | 1.20–1.20 |  | 1000 |  |" in text and "| lora | 110 | 1.10 | 1.10–1.10 |  |  |  |" in text
+    assert "memory only" in text
+    assert len(json.loads(out.with_suffix(".json").read_text())["parts"]) == 3
+    other = dict(parts[1], setup={**setup, "batch": 16})
+    files[1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="batch"):
+        step_time.main(["--merge", *map(str, files), "--out", str(out)])
+
+
 def test_profile_script_prints_the_op_table():
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "profile_step.py"), "lora", "--model", "tiny",
                            "--seq", "8", "--batch", "2", "--steps", "1", "--rows", "500"], capture_output=True,
@@ -58,3 +92,10 @@ def test_lora_close_to_an_independent_peft_loop(real_glue_dir, tmp_path):
     ours, peft = (entry["runs"][arm][0]["last"][key] for arm in ("lorabench", "peft"))
     assert abs(ours - peft) <= 0.015, (ours, peft)
     assert min(ours, peft) >= entry["baseline"][key] + 0.05, (ours, peft, entry["baseline"])
+
+
+def test_scaling_script_quick_mode():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "scaling.py"), "--quick"], capture_output=True,
+                          text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| seq | floor ms/step | lora ÷ floor | dora ÷ floor |" in proc.stdout

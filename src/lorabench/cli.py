@@ -5,6 +5,10 @@ Sweep job: every failure is recorded in that job's results.json and the sweep go
 multirun-end callback when a job raises); the reporter lists failed jobs and the sweep exits non-zero.
 Before a job starts, Hydra itself can fail (unknown group option, bad override, unwritable output directory):
 `guard_hydra_main` words those as one `error: ...` line too (exit 2) instead of Hydra's report.
+
+Several processes of one job (torchrun, submitit tasks; distributed.py) each run this entry: rank 0 alone
+prints, logs below warnings are its alone, and every process ends with the same exit status.
+`+plan=true` (plan.py) estimates the jobs instead of running them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from . import distributed
 from .errors import ConfigError, LorabenchError, RunInterrupted
 from .rundir import FRESH_DIR_FILES, finished_ok
 
@@ -23,6 +28,8 @@ log = logging.getLogger("lorabench")
 
 # Jobs that failed in this process (a sweep with the basic launcher runs every job here).
 FAILED_JOBS: list[str] = []
+# `+plan=true`: the estimate of every job planned in this process (plan.JobPlan), printed at the end.
+PLANNED_JOBS: list = []
 
 
 # Set once Hydra hands over to a job: an OSError before that is Hydra failing on the output directory.
@@ -46,6 +53,8 @@ def run_configured_job(config: dict[str, Any] | Callable[[], dict[str, Any]], ou
 
     from .interrupt import StopSignals
 
+    processes = distributed.init_from_env()  # torchrun did it in guard_hydra_main; submitit's tasks do it here
+    quiet_other_processes(processes)
     _reset_device_memory_stats()
     signals = StopSignals()
     try:
@@ -56,36 +65,72 @@ def run_configured_job(config: dict[str, Any] | Callable[[], dict[str, Any]], ou
                                   f"run it with -m: python -m train -m {' '.join(sys.argv[1:])}".rstrip())
             if callable(config):
                 config = _resolve_or_record(config, Path(out_dir), composed)
+            if config.get("plan"):
+                from .plan import plan_job
+
+                PLANNED_JOBS.append(plan_job(config, name=_job_name(config, in_sweep)))
+                if not in_sweep:
+                    from .plan import print_plan
+
+                    print_plan(PLANNED_JOBS)
+                return None
             if in_sweep:
                 previous = finished_ok(out_dir, config)
                 if previous is not None:  # a sweep run again into its directory: only the missing jobs run
-                    log.info("already finished ok with this configuration in %s: skipped (delete its "
-                             "results.json to run it again)", out_dir)
+                    if processes.is_main:
+                        log.info("already finished ok with this configuration in %s: skipped (delete its "
+                                 "results.json to run it again)", out_dir)
                     return previous
-            return run_job(config, out_dir, signals=signals)
+            return run_job(config, out_dir, signals=signals, processes=processes)
     except RunInterrupted as e:
         if signals.hand_over(e.signum):  # submitit requeues the job (and exits); the requeued job resumes
             return None
         # also in a sweep: the user (or the scheduler) stopped the whole process, not one job
-        print(interrupted_message(e, Path(out_dir), in_sweep), file=sys.stderr)
+        if processes.is_main:
+            print(interrupted_message(e, Path(out_dir), in_sweep), file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         raise
     except Exception as e:
         if in_sweep:
             FAILED_JOBS.append(str(out_dir))
-            log.error("job failed (%s: %s); recorded in %s/results.json, the sweep goes on",
-                      type(e).__name__, e, out_dir)
+            if processes.is_main:
+                log.error("job failed (%s: %s); recorded in %s/results.json, the sweep goes on",
+                          type(e).__name__, e, out_dir)
             return None
         if isinstance(e, LorabenchError):
-            remove_setup_failure(Path(out_dir))
-            print(f"error: {e}", file=sys.stderr)
+            if processes.is_main:
+                remove_setup_failure(Path(out_dir))
+                print(f"error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
-        if hydra_error_message(e) is not None:  # a config that does not resolve: guard_hydra_main words it
+        if hydra_error_message(e) is not None and processes.is_main:  # guard_hydra_main words it
             remove_setup_failure(Path(out_dir))
         raise
     finally:
         _release_memory()
+
+
+def _job_name(config: dict[str, Any], in_sweep: bool) -> str:
+    """How a planned job is named in the plan: the command-line overrides that differ between jobs."""
+    shown = [o for o in str(config.get("run_name") or "").split(",")
+             if o and o.split("=", 1)[0].lstrip("+~") not in ("plan", "seed")]
+    if not shown:
+        shown = [f"task={config['task']['name']}", f"method={config['method']['name']}"]
+    return " ".join(shown + [f"seed={config.get('seed')}"])
+
+
+def quiet_other_processes(processes: distributed.Processes) -> None:
+    """Processes other than rank 0 log only warnings and errors, to the console: the job's log file and the
+    terminal get rank 0's lines once, not N times."""
+    if processes.is_main:
+        return
+    for name in ("lorabench", "hydra"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
 
 
 # What a run directory holds when its job failed before training: Hydra's files and the failed record.
@@ -129,7 +174,10 @@ def interrupted_message(e: RunInterrupted, out_dir: Path, in_sweep: bool) -> str
         return line + "; the sweep stopped (`python -m report <sweep dir>` reports the jobs that finished)"
     if checkpoint:
         args = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "trainer.resume="))]
-        return line + f"; resume with: python -m train {' '.join(args + [f'trainer.resume={out_dir}'])}".rstrip()
+        processes = distributed.current()
+        entry = (f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', processes.world_size)} -m train"
+                 if processes.distributed else "python -m train")
+        return line + f"; resume with: {entry} {' '.join(args + [f'trainer.resume={out_dir}'])}".rstrip()
     return line + ("; no checkpoint was saved (trainer.checkpoint_every=<steps> makes Ctrl-C resumable; "
                    "SIGTERM always saves one)" if e.step is not None else "")
 
@@ -144,6 +192,8 @@ def _resolve_or_record(resolve: Callable[[], dict[str, Any]], out_dir: Path,
 
         from .run import write_json_atomic
 
+        if not distributed.current().is_main:
+            raise  # rank 0 records it
         record = {"status": "failed", "stage": "setup", "config": composed, "error": f"{type(e).__name__}: {e}",
                   "error_type": type(e).__name__, "traceback": traceback.format_exc()}
         try:
@@ -216,13 +266,62 @@ def guard_hydra_main(hydra_main: Callable[[], Any]) -> Any:
     _JOB_STARTED = False
     from .interrupt import StopSignals
 
+    planning = _plan_requested(sys.argv)
+    if distributed.launched_with_several_processes():
+        if planning:
+            print("error: +plan=true estimates one-process runs on this machine; run it without torchrun",
+                  file=sys.stderr)
+            sys.exit(2)
+        # Join the process group before Hydra resolves the run directory: rank 0 creates it and the others get
+        # its path (rundir.unique_dir); they write nothing of Hydra's (.hydra/) there.
+        processes = distributed.init_from_env()
+        if not processes.is_main:
+            sys.argv.append("hydra.output_subdir=null")
+            logging.getLogger("hydra").setLevel(logging.WARNING)
+    scratch = _plan_overrides(sys.argv) if planning else None
     # Until a job installs its own, a signal stops the process at once, as one line (no traceback).
-    with StopSignals().installed():
-        try:
-            return _call_hydra_main(hydra_main)
-        except RunInterrupted as e:
-            print(f"interrupted ({e.signal_name}) before the run started", file=sys.stderr)
-            sys.exit(e.exit_code)
+    try:
+        with StopSignals().installed():
+            try:
+                return _call_hydra_main(hydra_main)
+            except RunInterrupted as e:
+                print(f"interrupted ({e.signal_name}) before the run started", file=sys.stderr)
+                sys.exit(e.exit_code)
+    finally:
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+_PLAN_ARG = re.compile(r"^(\+{0,2})plan=(.*)$")
+
+
+def _plan_requested(argv: list[str]) -> bool:
+    for arg in argv[1:]:
+        m = _PLAN_ARG.match(arg)
+        if m and m.group(2).strip().lower() not in ("false", "0", "no", "null", ""):
+            return True
+    return False
+
+
+def _plan_overrides(argv: list[str]) -> str:
+    """Rewrite the command line of a `+plan=true` run in place so that it trains nothing and leaves nothing:
+    Hydra's run and sweep directories go to a scratch folder (returned; removed at the end), and the jobs run
+    in this process with the basic launcher (a SLURM launcher would submit them). `plan=true` is accepted for
+    `+plan=true`."""
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="lorabench-plan-")
+    kept = []
+    for arg in argv[1:]:
+        if arg.startswith(("hydra/launcher=", "hydra.launcher.", "hydra.run.dir=", "hydra.sweep.dir=")):
+            continue
+        m = _PLAN_ARG.match(arg)
+        kept.append(f"+plan={m.group(2)}" if m else arg)
+    argv[1:] = kept + ["hydra/launcher=basic", f"hydra.run.dir={scratch}/run", f"hydra.sweep.dir={scratch}/sweep",
+                       "hydra.output_subdir=null"]
+    return scratch
 
 
 def _call_hydra_main(hydra_main: Callable[[], Any]) -> Any:

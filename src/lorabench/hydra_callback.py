@@ -5,7 +5,10 @@
   jobs running side by side do not oversubscribe the cores (n_jobs jobs × all cores each).
 - on_multirun_end: runs the reporter (lorabench.report) on the sweep directory, then exits non-zero when any
   job failed: recorded in this process (lorabench.cli.FAILED_JOBS, the basic launcher) or found in the sweep
-  directory (a failed or missing results.json: the only trace of a job that ran in another process).
+  directory (a failed or missing results.json: the only trace of a job that ran in another process). A sweep
+  with `+plan=true` trained nothing: it prints the plan of its jobs instead (lorabench.plan).
+
+With several processes per job (torchrun; lorabench.distributed) only rank 0 locks and reports.
 
 Hydra calls on_multirun_end only when no job raised; lorabench.cli records failures instead of raising in
 sweeps, so the report is written even when jobs fail. Besides src/train.py, this is the only module that
@@ -93,11 +96,15 @@ class RunDirLockCallback(Callback):
     there; a directory that a live run holds stops this run with one error line and exit status 2."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from .distributed import current
         from .errors import LorabenchError
         from .rundir import hold
 
+        run_dir = str(config.hydra.run.dir)  # resolved in every process: rank 0 creates it, the others learn it
+        if not current().is_main:
+            return
         try:
-            hold(str(config.hydra.run.dir))  # held until this process exits
+            hold(run_dir)  # held until this process exits
         except OSError:
             pass  # a directory that cannot be created: Hydra's own mkdir reports it next (cli.py words it)
         except LorabenchError as e:
@@ -149,7 +156,15 @@ class SweepReportCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from . import cli
+        from .distributed import current
 
+        if config.get("plan"):
+            from .plan import print_plan
+
+            print_plan(cli.PLANNED_JOBS, sweep=True)
+            return
+        if not current().is_main:
+            return  # rank 0 reports; the others' jobs are its jobs
         sweep_dir = Path(str(config.hydra.sweep.dir))
         failed = [Path(d).resolve() for d in cli.FAILED_JOBS]
         report_ok = True

@@ -11,6 +11,10 @@ unless SUBMITIT_PREEMPT_SIGNAL says otherwise) is caught too: the run stops and 
 signal is handed to submitit's own handler, which requeues the job; the requeued job finds the interrupted run's
 checkpoint in its directory and resumes from it (run.prepare_run_dir).
 
+A process started by torchrun can get one stop twice: from the scheduler (SLURM signals every process of a job
+step) and once more from torchrun, which forwards the signal it received to its workers. The same signal again
+within FORWARD_WINDOW_S seconds therefore counts as the first one there, so that the run still stops cleanly.
+
 Stdlib only; handlers are installed only in the main thread (signal.signal refuses elsewhere).
 """
 
@@ -21,6 +25,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Iterator
 
 from .errors import RunInterrupted
@@ -28,6 +33,11 @@ from .errors import RunInterrupted
 log = logging.getLogger("lorabench")
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+FORWARD_WINDOW_S = 3.0  # a repeat of the first signal this soon, under torchrun, is its forwarded copy
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def under_submitit() -> bool:
@@ -47,14 +57,19 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.requested: int | None = None
+        self._requested_at = 0.0
         self._defer = False
         self.previous: dict[int, object] = {}  # the handlers we replaced, while installed
 
     def _handle(self, signum: int, frame) -> None:
+        if (self._defer and signum == self.requested and under_torchrun()
+                and time.monotonic() - self._requested_at < FORWARD_WINDOW_S):
+            return  # torchrun's forwarded copy of the signal this process already got
         if self.requested is not None or not self._defer:
             self.requested = self.requested or signum
             raise RunInterrupted(signum)
         self.requested = signum
+        self._requested_at = time.monotonic()
         log.warning("%s received: stopping after the current step (send it again to stop at once)",
                     signal.Signals(signum).name)
 

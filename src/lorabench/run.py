@@ -9,6 +9,10 @@ Resume (`trainer.resume=true` or `=<run dir>`) continues a run from its newest c
 
 A job holds the lock of its run directory (rundir.py) while it runs: a second job into a directory that a live
 run holds fails with one error line and leaves that run's files alone.
+
+Several processes can train one job (torchrun, submitit tasks; lorabench/distributed.py): each runs run_job with
+the same config and directory; rank 0 alone locks, decides and writes the run directory, the others follow its
+decisions and write nothing.
 """
 
 from __future__ import annotations
@@ -23,20 +27,20 @@ import signal
 import subprocess
 import time
 import traceback
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import methods, rundir
+from . import distributed, methods, rundir
 from .backbone import ModelSpec, find_targets, freeze_backbone, load_model, load_tokenizer
 from .budget import Budget
 from .data import BatchLoader, Collator, DataLimits, TaskSpec, load_task_data, resolve_glue_dir
 from .errors import ConfigError, LorabenchError, RunInterrupted, TrainingError
 from .metrics import compute_metrics
-from .tracking import build_tracker
+from .tracking import Tracker, build_tracker
 from .validate import check_method_options, did_you_mean
 from .training import checkpoint as ckpt
 from .training.trainer import Trainer, TrainerConfig, TrainingStopped, peak_memory_mb
@@ -93,11 +97,14 @@ def trainer_config(d: dict[str, Any]) -> TrainerConfig:
     return TrainerConfig(**{k: v for k, v in d.items() if k in known})
 
 
-def make_evaluator(spec: TaskSpec, eval_loaders: dict[str, BatchLoader], trainer_ref: list, method=None):
+def make_evaluator(spec: TaskSpec, eval_loaders: dict[str, BatchLoader], trainer_ref: list, method=None,
+                   processes: distributed.Processes = distributed.SINGLE):
     """evaluate(model) → {"eval/<metric><suffix>": value} over every eval split of the task.
 
     With a `method`, evaluation runs through merged weights where the method allows it (inference then costs
-    what the backbone costs) and the training weights come back exactly afterwards."""
+    what the backbone costs) and the training weights come back exactly afterwards. With several `processes`
+    the loaders are each process's slice (distributed.EvalShard): predictions are gathered in order and every
+    process computes the same metrics."""
     suffix = {s.name: s.suffix for s in spec.eval_splits}
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
@@ -120,8 +127,11 @@ def make_evaluator(spec: TaskSpec, eval_loaders: dict[str, BatchLoader], trainer
                     logits = model(**batch).logits.float()
                 preds.append(logits.squeeze(-1) if spec.is_regression else logits.argmax(-1))
                 labels.append(y)
-            p = torch.cat(preds).cpu().numpy()
-            t = torch.cat(labels).cpu().numpy()
+            p = torch.cat(preds).cpu().numpy() if preds else np.empty(0)
+            t = torch.cat(labels).cpu().numpy() if labels else np.empty(0)
+            if processes.distributed:
+                p = np.concatenate([a for a in processes.gather(p) if a.size])
+                t = np.concatenate([a for a in processes.gather(t) if a.size])
             for k, v in compute_metrics(spec.metrics, p, t).items():
                 out[f"eval/{k}{suffix[split]}"] = v
         return out
@@ -129,13 +139,16 @@ def make_evaluator(spec: TaskSpec, eval_loaders: dict[str, BatchLoader], trainer
     return evaluate
 
 
-def run_job(cfg: dict[str, Any], out_dir: str | Path, signals=None) -> dict[str, Any]:
+def run_job(cfg: dict[str, Any], out_dir: str | Path, signals=None,
+            processes: distributed.Processes | None = None) -> dict[str, Any]:
     """Run one fine-tuning job described by `cfg` (the resolved Hydra config as a dict) into `out_dir`.
 
     Returns the results dict. Raises on failure after writing results.json with status "failed", and
     RunInterrupted after writing it with status "interrupted" when `signals` (an installed
-    interrupt.StopSignals) caught SIGINT / SIGTERM.
+    interrupt.StopSignals) caught SIGINT / SIGTERM. `processes`: the processes training this job together
+    (default: those the launcher started, distributed.current()); only rank 0 writes.
     """
+    processes = processes or distributed.current()
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     # stage: "setup" until the first training step is about to run, then "training" (the reporter lists jobs
@@ -144,7 +157,9 @@ def run_job(cfg: dict[str, Any], out_dir: str | Path, signals=None) -> dict[str,
     tracker_box: list = []  # filled by _run once the tracker exists, so `finally` can finish it
     record_dir: Path | None = None  # where a failure is recorded; None: a directory we must not touch (yet)
     locked: list[Path] = []  # run directories this call locked (rundir.py), released at the end
-    try:
+
+    def claim_run_dir() -> tuple[Path, ckpt.ResumePoint | None]:
+        nonlocal record_dir
         _lock(out_dir, locked)  # from here no other live run writes to out_dir
         _check_writable(out_dir)
         record_dir = out_dir
@@ -159,7 +174,14 @@ def run_job(cfg: dict[str, Any], out_dir: str | Path, signals=None) -> dict[str,
             _lock(run_dir, locked)  # the run to resume: not while it is still running
             _check_writable(run_dir)
         record_dir = run_dir
-        return _run(cfg, run_dir, results, t0, tracker_box, resume, signals)
+        return run_dir, resume
+
+    try:
+        # rank 0 locks and decides (a fresh run, or the checkpoint to resume); the others take its answer
+        run_dir, resume = processes.main_decides(claim_run_dir)
+        if not processes.is_main:
+            results.update(_describe(cfg))
+        return _run(cfg, run_dir, results, t0, tracker_box, resume, signals, processes)
     except RunInterrupted as e:
         results["status"] = "interrupted"
         results.update({"signal": e.signal_name, "step": e.step, "total_steps": e.total_steps,
@@ -182,7 +204,8 @@ def run_job(cfg: dict[str, Any], out_dir: str | Path, signals=None) -> dict[str,
 
 
 def _record(record_dir: Path | None, results: dict[str, Any]) -> None:
-    """results.json of a run that did not finish, where we may write it (None: a directory not ours to touch)."""
+    """results.json of a run that did not finish, where we may write it (None: a directory not ours to touch;
+    always None outside rank 0)."""
     if record_dir is not None and record_dir.is_dir() and os.access(record_dir, os.W_OK):
         write_json_atomic(record_dir / "results.json", results)
 
@@ -340,7 +363,8 @@ def build_adapted_model(model_spec: ModelSpec, spec: TaskSpec, method_cls, metho
 
 
 def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float, tracker_box: list,
-         resume: ckpt.ResumePoint | None = None, signals=None) -> dict[str, Any]:
+         resume: ckpt.ResumePoint | None = None, signals=None,
+         processes: distributed.Processes = distributed.SINGLE) -> dict[str, Any]:
     seed = int(cfg["seed"])
     method_cls = methods.get(cfg["method"]["name"])  # fail on an unknown method before loading anything
     spec = TaskSpec.from_dict(cfg["task"])
@@ -348,6 +372,8 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     budget = Budget.from_dict(cfg["budget"])
     tcfg_dict = dict(cfg["trainer"])
     tcfg = trainer_config(tcfg_dict)
+    if processes.distributed:
+        tcfg = replace(tcfg, device=processes.device_name(tcfg.device))  # this process's GPU
     limits = DataLimits.from_dict(tcfg_dict)
     check_method_options(cfg["method"])
     data_cfg = cfg.get("data") or {}
@@ -356,14 +382,20 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
 
     log.info("run directory: %s", out_dir)
     seed_everything(seed)
-    tokenizer = load_tokenizer(model_spec)
-    data = load_task_data(spec, tokenizer, limits.max_seq_length, glue_dir, cache_dir, limits.max_train_samples,
-                          limits.max_eval_samples)
+
+    def load_data():
+        tokenizer = load_tokenizer(model_spec)
+        return tokenizer, load_task_data(spec, tokenizer, limits.max_seq_length, glue_dir, cache_dir,
+                                         limits.max_train_samples, limits.max_eval_samples)
+
+    # rank 0 first: it fills the tokenization cache (or downloads) once, the other processes then read it
+    tokenizer, data = processes.main_first(load_data)
     log.info("data: train %d examples (%s); eval %s", len(data.train), data.sources["train"],
              ", ".join(f"{k} {len(v)}" for k, v in data.evals.items()))
 
-    model, head, method = build_adapted_model(model_spec, spec, method_cls, cfg["method"], budget, seed,
-                                              len(tokenizer))
+    model, head, method = processes.main_first(
+        lambda: build_adapted_model(model_spec, spec, method_cls, cfg["method"], budget, seed, len(tokenizer)))
+    processes.fork_rng(seed)  # the same init everywhere; from here each process draws its own dropout masks
     ledger = method.ledger()
     ledger.head_params = sum(p.numel() for _, p in head)
     log.info("method %s on %s | budget %s | %s", method.name, model_spec.name, budget.name, ledger.summary())
@@ -373,20 +405,24 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     train_loader = BatchLoader(data.train, tcfg.batch_size, collate, shuffle=True, seed=seed,
                                group_by_length=limits.group_by_length)
     eval_loaders = {k: BatchLoader(v, tcfg.eval_batch_size, collate, shuffle=False) for k, v in data.evals.items()}
+    if processes.distributed:  # trainer.batch_size stays the global batch; each process takes its share
+        train_loader = distributed.ShardedBatches(train_loader, processes)
+        eval_loaders = distributed.shard_loaders(eval_loaders, processes)
     trainer_ref: list = []
-    evaluate = make_evaluator(spec, eval_loaders, trainer_ref, method)
+    evaluate = make_evaluator(spec, eval_loaders, trainer_ref, method, processes)
 
     if resume is not None:
         # the resumed run redoes every step after the checkpoint: drop what the killed run logged past it
-        for name in ("metrics.jsonl", "train_log.jsonl"):
+        for name in ("metrics.jsonl", "train_log.jsonl") if processes.is_main else ():
             ckpt.truncate_jsonl(out_dir / name, resume.step)
         results["resumed_from"] = {"checkpoint": str(resume.ckpt_dir), "step": resume.step}
     meta = {"task": spec.name, "name": cfg.get("run_name") or f"{spec.name}-{method.name}-{budget.name}",
             "group": cfg.get("group"), "tags": [method.name, spec.name, model_spec.name, budget.name]}
-    tracker = build_tracker(cfg.get("logger") or {}, out_dir, cfg, meta)
+    tracker = build_tracker(cfg.get("logger") or {}, out_dir, cfg, meta) if processes.is_main else Tracker()
     tracker_box.append(tracker)
 
     def on_eval(record: dict[str, Any]) -> None:
+        _check_processes_agree(processes, method, head, f"at the evaluation of step {record['step']}")
         tracker.log_eval(record)
         tracker.log_rank_pattern(method.rank_pattern(), record["step"])
         shown = {k: round(v, 4) for k, v in record.items() if k.startswith("eval/")}
@@ -395,16 +431,22 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     train_params = list(method.named_trainable_parameters()) + head
     # Always present (every=0: no periodic saves) so that an interrupt can still save the state it stops at.
     checkpointer = ckpt.Checkpointer(out_dir, tcfg.checkpoint_every, tcfg.keep_checkpoints,
-                                     ckpt.config_fingerprint(cfg), method, model, resume=resume)
+                                     ckpt.config_fingerprint(cfg), method, model, resume=resume,
+                                     processes=processes)
     trainer = Trainer(tcfg, model, train_params, train_loader, evaluate, spec.primary_metric,
                       hooks=method.hooks(), regularizer=method.regularizer, log=tracker.log_metrics,
                       on_eval=on_eval, head_param_names=[n for n, _ in head], checkpointer=checkpointer,
-                      stop_requested=signals.stop_requested if signals is not None else None)
+                      stop_requested=signals.stop_requested if signals is not None else None,
+                      processes=processes)
     trainer_ref.append(trainer)
+    where = (f"{processes.world_size} processes ({processes.backend}; about {tcfg.batch_size // processes.world_size}"
+             f" examples of each batch per process) on {trainer.device.type}" if processes.distributed
+             else str(trainer.device))
     log.info("training %d steps (%d epochs x %d steps, batch %d x accum %d) on %s, precision %s; evaluating %s",
              trainer.total_steps, trainer.epochs, trainer.steps_per_epoch, tcfg.batch_size, tcfg.grad_accum,
-             trainer.device, tcfg.precision,
+             where, tcfg.precision,
              f"every {trainer.eval_every} steps" if trainer.eval_every else "at the end of every epoch")
+    _check_processes_agree(processes, method, head, "after the model was built")
     results["stage"] = "training"
     try:
         with signals.deferring() if signals is not None else contextlib.nullcontext():
@@ -412,9 +454,12 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     except TrainingStopped as stop:
         # SIGTERM or a scheduler's preemption signal always saves the state it stopped at: an adapter-sized file,
         # a second or less. Ctrl-C saves only when the run checkpoints anyway (trainer.checkpoint_every > 0).
-        save = tcfg.checkpoint_every > 0 or signals.requested != signal.SIGINT
+        # Several processes stop after the same step and act on the same signal (the first any of them got).
+        requested = distributed.first_signal(processes, signals.requested) if processes.distributed \
+            else signals.requested
+        save = tcfg.checkpoint_every > 0 or requested != signal.SIGINT
         results.update(_partial_results(trainer, checkpointer.save(trainer) if save else None))
-        raise RunInterrupted(signals.requested, stop.step, stop.total_steps) from None
+        raise RunInterrupted(requested, stop.step, stop.total_steps) from None
     except RunInterrupted as e:  # a second signal: stopped inside a step, nothing of that step is saved
         results.update(_partial_results(trainer, None))
         e.step, e.total_steps = trainer.state.step, trainer.total_steps
@@ -424,6 +469,7 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
             raise TrainingError(f"{e} The last good checkpoint is {checkpointer.last_saved}.") from None
         raise
 
+    _check_processes_agree(processes, method, head, "at the end of training")
     ledger = method.ledger()
     ledger.head_params = sum(p.numel() for _, p in head)
     log.info("final | %s", ledger.summary())
@@ -431,6 +477,9 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     data_fraction = fit.data_seconds / fit.train_seconds if fit.train_seconds > 0 else 0.0
     log.info("time: %.0f s training (%.2f s/step), %.0f s eval, data wait %.1f%% of training", fit.train_seconds,
              fit.train_seconds / max(fit.steps, 1), fit.eval_seconds, 100 * data_fraction)
+    if not processes.is_main:  # rank 0 writes the adapter and results.json; the same state is everywhere
+        results.update({"status": "ok", "rank_pattern": method.rank_pattern()})
+        return results
     exports = _save_adapter(out_dir / "adapter", method, model, head, cfg)
 
     key = f"eval/{spec.primary_metric}"
@@ -455,6 +504,7 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
                     "wall_seconds": time.perf_counter() - t0},
         "peak_memory_mb": peak_memory_mb(trainer.device),
         "device": str(trainer.device) + (f" ({torch.cuda.get_device_name()})" if trainer.device.type == "cuda" else ""),
+        "processes": processes.world_size,
         "versions": package_versions(),
         "git_hash": git_hash(),
         "data_sources": data.sources,
@@ -466,6 +516,16 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     log.info("done: best %s = %.4f (epoch %s), last %.4f; results in %s", key, fit.best[key], fit.best["epoch"],
              fit.last[key], out_dir)
     return results
+
+
+def _check_processes_agree(processes: distributed.Processes, method, head, when: str) -> None:
+    """With several processes: every one holds the same adapter, head and rank pattern, bit for bit (each
+    schedule decision reads the same averaged gradients); a TrainingError names the first tensor that differs."""
+    if not processes.distributed:
+        return
+    tensors = {f"adapter.{k}": v for k, v in method.adapter_state_dict().items() if torch.is_tensor(v)}
+    tensors.update({f"head.{n}": p for n, p in head})
+    processes.check_agree(tensors, extra=method.rank_pattern(), what=f"the adapter {when}")
 
 
 def _partial_results(trainer: Trainer, saved: Path | None) -> dict[str, Any]:

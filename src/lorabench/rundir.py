@@ -9,7 +9,9 @@ Two guarantees, for the two ways a directory is chosen:
   (both processes see nothing and both use it); a lock taken inside the job would come too late, because Hydra
   has already written .hydra/ and opened the job's log in the directory by then. The claim is remembered per
   process, and by OmegaConf's resolver cache, which Hydra copies into each sweep job's config and which travels
-  with the pickled config to launcher processes: evaluating the directory again gives the same one.
+  with the pickled config to launcher processes: evaluating the directory again gives the same one. When several
+  processes train one job (torchrun), rank 0 creates the directory and the others take its path (each
+  process's own `${now:}` may fall in another second): one run directory per job, not one per process.
 
 - **A directory the user names** (hydra.run.dir=<dir>, trainer.resume=<dir>) may hold an earlier run to continue,
   so it cannot be made fresh. It is guarded by an exclusive lock: flock on <dir>/.lock, held by the job's
@@ -54,6 +56,16 @@ def unique_dir(path: str) -> str:
     path = str(path).rstrip("/") or "/"
     if path in _claimed:
         return _claimed[path]
+    from .distributed import current
+
+    processes = current()
+    if processes.distributed:
+        _claimed[path] = processes.main_decides(lambda: _claim(path))
+        return _claimed[path]
+    return _claim(path)
+
+
+def _claim(path: str) -> str:
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError:

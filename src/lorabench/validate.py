@@ -22,7 +22,7 @@ from .errors import ConfigError
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # Method keys the code reads that a method YAML does not list (switches for comparison runs, added with `+`).
-METHOD_SWITCHES = {"fold_low_rank": True, "stack_shared_inputs": True}
+METHOD_SWITCHES = {"fold_low_rank": True, "stack_shared_inputs": True, "shared_dropout_mask": False}
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -12,7 +12,8 @@ folder without a manifest) is ignored by `latest_checkpoint` and swept away on t
 - which parameters have `requires_grad` (methods may switch them);
 - optimizer, fp16 grad scaler, the trainer's step / epoch / batches consumed in that epoch / running loss,
   evaluation history (best, last), the method's and every hook's `state_dict()`;
-- the RNG states of torch (CPU and CUDA), numpy and Python.
+- the RNG states of torch (CPU and CUDA), numpy and Python; with several processes (lorabench.distributed)
+  every process's, gathered into the one checkpoint rank 0 writes (`rng_per_rank`).
 The LR schedule is a pure function of the step and the batch order a pure function of (seed, epoch), so the
 step and the number of batches consumed are all the position they need.
 
@@ -248,7 +249,12 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir: str | os.PathLike, every: int, keep: int, fingerprint: dict[str, Any],
-                 method, model: nn.Module, resume: ResumePoint | None = None) -> None:
+                 method, model: nn.Module, resume: ResumePoint | None = None, processes=None) -> None:
+        from ..distributed import SINGLE
+
+        # With several processes every one of them calls save() (their RNG states are gathered) and restore();
+        # only rank 0 writes.
+        self.processes = processes or SINGLE
         self.run_dir = Path(run_dir)
         self.every = int(every)
         self.keep = int(keep)
@@ -277,7 +283,9 @@ class Checkpointer:
                 out[name] = t.detach().cpu().clone()
         return out
 
-    def save(self, trainer) -> Path:
+    def save(self, trainer) -> Path | None:
+        """Write the checkpoint of the trainer's current step; returns its folder (None in processes other than
+        rank 0, which only contribute their RNG state)."""
         st = trainer.state
         model_tensors = self._model_tensors()
         bad = [n for n, t in model_tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -285,6 +293,9 @@ class Checkpointer:
             raise TrainingError(f"parameters became non-finite by optimizer step {st.step} ({bad[0]}"
                                 f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); not checkpointing "
                                 f"this state. Lower trainer.lr or use trainer.precision=fp32.")
+        rng_per_rank = self.processes.gather(rng_state())
+        if not self.processes.is_main:
+            return None
         epoch_done = st.micro_step >= len(trainer.train_loader)
         state = {
             "step": st.step,
@@ -302,10 +313,13 @@ class Checkpointer:
             "scaler": trainer.scaler.state_dict(),
             "method": self.method.state_dict(),
             "hooks": [{"type": type(h).__qualname__, "state": h.state_dict()} for h in trainer.hooks],
-            "rng": rng_state(),
+            "rng": rng_per_rank[0],
         }
+        if self.processes.distributed:
+            state["rng_per_rank"] = rng_per_rank
         path = write_checkpoint(self.run_dir, st.step, state, self.fingerprint,
-                                {"epoch": st.epoch, "total_steps": trainer.total_steps})
+                                {"epoch": st.epoch, "total_steps": trainer.total_steps,
+                                 "processes": self.processes.world_size})
         prune_checkpoints(self.run_dir, self.keep)
         self.last_saved = path
         log.info("checkpoint step %d → %s", st.step, path)
@@ -347,10 +361,25 @@ class Checkpointer:
         trainer.result.history = list(res["history"])
         trainer.result.best, trainer.result.last = res["best"], res["last"]
         trainer.result.skipped_steps = res["skipped_steps"]
-        set_rng_state(state["rng"])  # last: nothing above may consume random numbers after it
+        set_rng_state(self._own_rng_state(state))  # last: nothing above may consume random numbers after it
         self.last_saved = point.ckpt_dir
         log.info("resumed from %s: step %d of %d (epoch %d, %d batches into it)", point.ckpt_dir, st.step,
                  trainer.total_steps, trainer._start_epoch + 1, trainer._skip_batches)
+
+    def _own_rng_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This process's RNG state in the checkpoint. A process the checkpoint has none for (resumed with more
+        processes than wrote it) continues from rank 0's, then forks its own torch stream from the step."""
+        rank = self.processes.rank
+        saved = state.get("rng_per_rank") or [state["rng"]]
+        if rank < len(saved):
+            return saved[rank]
+        if self.processes.is_main or not self.processes.distributed:
+            return state["rng"]
+        own = dict(saved[0])
+        own["torch"] = torch.Generator().manual_seed(int(state["step"]) * 1_000_003 + rank).get_state()
+        log.warning("rank %d: the checkpoint has no RNG state of its own (written by %d processes); dropout masks "
+                    "continue from a fresh stream", rank, len(saved))
+        return own
 
     @torch.no_grad()
     def _load_model_tensors(self, tensors: dict[str, torch.Tensor], requires_grad: Iterable[str]) -> None:

@@ -5,6 +5,11 @@ One optimizer step, in order (nanoGPT-style, AMP explicit):
   scaled backward → unscale → skip if the fp16 scaler found inf/NaN → after_backward hooks → clip →
   optimizer step → after_optimizer_step hooks → zero_grad → log → eval / checkpoint.
 Parameters stay fp32 (master weights); autocast lowers precision per op.
+
+With several processes (lorabench.distributed: torchrun, or submitit tasks) each one runs this same loop on its
+share of every global batch; one all-reduce after the micro-batches' backward averages the gradients (and
+carries the step's loss, a non-finite loss and a stop request), so that everything after it (unscale, hooks,
+clipping, the optimizer step, the stop decision) is identical in every process.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..distributed import LOSS_WEIGHT_KEY, SINGLE, Processes
 from ..errors import ConfigError, TrainingError
 from .hooks import TrainerHook, TrainState
 
@@ -166,7 +172,9 @@ class Trainer:
     """Fine-tunes `model` on `train_loader`, evaluating with `evaluate(model) -> {"eval/<metric>": value}`.
 
     `param_groups` come from the caller (adapter and head parameters); `regularizer()` returns the method's
-    extra loss term or None; `hooks` are called at the points listed in hooks.py.
+    extra loss term or None; `hooks` are called at the points listed in hooks.py. A batch may carry
+    `loss_weight` (distributed.LOSS_WEIGHT_KEY), a factor on its loss: a process's share of a global batch.
+    `processes` (distributed.Processes) are the processes that train this job together; one by default.
     """
 
     def __init__(
@@ -184,8 +192,10 @@ class Trainer:
         head_param_names: Iterable[str] = (),
         checkpointer=None,
         stop_requested: Callable[[], bool] | None = None,
+        processes: Processes | None = None,
     ) -> None:
         self.cfg = config
+        self.processes = processes or SINGLE
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
         self.train_loader = train_loader
@@ -242,6 +252,9 @@ class Trainer:
         self.checkpointer = checkpointer
         # Polled after every optimizer step; True ends fit() with TrainingStopped (run.py: SIGINT / SIGTERM).
         self.stop_requested = stop_requested or (lambda: False)
+        # With several processes: whether any of them asked to stop by the last gradient all-reduce (a signal
+        # reaches the processes at different moments; all of them stop after the same step).
+        self._stop_agreed = False
 
     # --- helpers hooks may use -------------------------------------------------------------------------------
     def reset_optimizer_state(self, params: Iterable[nn.Parameter]) -> None:
@@ -265,7 +278,7 @@ class Trainer:
         if self.checkpointer is not None:
             self.checkpointer.restore(self)
         bar = None
-        if cfg.progress_bar:
+        if cfg.progress_bar and self.processes.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True,
@@ -325,7 +338,7 @@ class Trainer:
                         self._announce_estimate((time.perf_counter() - t_start - t_eval) / ESTIMATE_AFTER_STEPS)
                     if st.step >= self.total_steps:
                         break
-                    if self.stop_requested():
+                    if self._stop_agreed if self.processes.distributed else self.stop_requested():
                         raise TrainingStopped(st.step, self.total_steps)
                     t_data = time.perf_counter()
                 if st.step >= self.total_steps:
@@ -375,20 +388,33 @@ class Trainer:
 
         total_loss = 0.0
         n = len(batches)
+        nonfinite: float | None = None
         for batch in batches:
             batch = self._to_device(batch)
+            weight = batch.pop(LOSS_WEIGHT_KEY, None)
             with self.autocast():
                 out = self.model(**batch)
-                loss = out.loss
+                loss = out.loss if weight is None else out.loss * weight
                 reg = self.regularizer() if self.regularizer is not None else None
                 if reg is not None:
                     loss = loss + reg
             if not torch.isfinite(loss.detach()):
-                raise TrainingError(
-                    f"non-finite loss ({loss.item()}) at optimizer step {step} (epoch {st.epoch}); training "
-                    f"stopped. Lower trainer.lr, use trainer.precision=fp32, or check the data.")
+                nonfinite = loss.item()
+                if not self.processes.distributed:
+                    self._raise_nonfinite(nonfinite, step)
+                continue  # told to every process by the all-reduce below; all of them stop there
             self.scaler.scale(loss / n).backward()
             total_loss += loss.item() / n
+
+        if self.processes.distributed:
+            world = self.processes.world_size
+            loss_sum, nonfinite_count, stop_count = self.processes.average_gradients(
+                self.params, [total_loss, float(nonfinite is not None), float(self.stop_requested())])
+            if nonfinite_count:
+                self._raise_nonfinite(nonfinite if nonfinite is not None else float("nan"), step)
+            # weighted shares sum to the global batch's mean loss (the regularizer, the same everywhere, N times)
+            total_loss = loss_sum / world
+            self._stop_agreed = stop_count > 0
 
         self.scaler.unscale_(self.optimizer)
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
@@ -412,6 +438,11 @@ class Trainer:
             self.result.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         return None if skipped else total_loss
+
+    def _raise_nonfinite(self, value: float, step: int) -> None:
+        raise TrainingError(
+            f"non-finite loss ({value}) at optimizer step {step} (epoch {self.state.epoch}); training "
+            f"stopped. Lower trainer.lr, use trainer.precision=fp32, or check the data.")
 
     def _evaluate(self, epoch: int, final: bool) -> None:
         st = self.state
