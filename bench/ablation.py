@@ -11,6 +11,7 @@ rebuilt with `python -m report`.
   python bench/ablation.py --arms lora,xgb_rev2 --seeds 1
   python bench/ablation.py --list                       # the arms and their overrides
   python bench/ablation.py --report-only
+  python bench/ablation.py --jobs 12 --extra trainer.device=cuda --results /tmp/gpu   # all arms on one GPU
 
 Runs land in bench/results/ablation_<study>/jobs/<arm>/<task>_s<seed>/ (results.json, metrics.jsonl,
 train_log.jsonl and .hydra/ are committed; adapter weights are git-ignored). The LoRA arm is shared: it runs once
@@ -20,16 +21,12 @@ under ablation_xgblora and is copied into ablation_dynamic_lora for that report.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import jobqueue
+from jobqueue import REPO, Job
 RESULTS = REPO / "bench" / "results"  # --results moves it (e.g. run a frozen worktree, write into the checkout)
 
 COMMON = ["trainer.epochs=3", "logger=none", "trainer.progress_bar=false", "budget=r8"]
@@ -51,6 +48,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "xgb_ls2": ("xgblora", ["method=xgblora", "method.layers_per_booster=2"]),
     "xgb_n16": ("xgblora", ["method=xgblora", "method.n_boosters=16"]),
     "xgb_rank4": ("xgblora", ["method=xgblora", "method.booster_rank=4"]),
+    # follow-ups after the first full run (rank 4 was the best xgblora arm, α the other lever under Adam)
+    "xgb_rank4_alpha32": ("xgblora", ["method=xgblora", "method.booster_rank=4", "method.alpha=32"]),
+    "xgb_rank4_alpha64": ("xgblora", ["method=xgblora", "method.booster_rank=4", "method.alpha=64"]),
     "dyn_rev1": ("dynamic_lora", ["method=dynamic_lora", "method.unweighted_importance=false",
                                   "method.preserve_function=false", "method.beta=0.85", "method.realloc_interval=100",
                                   "method.w_min=0.25", "method.w_max=4", "method.gate_scale=1"]),
@@ -62,53 +62,12 @@ def job_dir(arm: str, task: str, seed: int) -> Path:
     return RESULTS / f"ablation_{ARMS[arm][0]}" / "jobs" / arm / f"{task}_s{seed}"
 
 
-def done(path: Path) -> bool:
-    try:
-        return json.loads((path / "results.json").read_text()).get("status") == "ok"
-    except (OSError, ValueError):
-        return False
+EXTRA: list[str] = []  # --extra: overrides for every job that do not change the protocol (trainer.device=cuda)
 
 
-def command(arm: str, task: str, seed: int) -> list[str]:
-    return [sys.executable, "-m", "train", f"task={task}", f"seed={seed}", *COMMON, *TASKS[task], *ARMS[arm][1],
-            f"hydra.run.dir={job_dir(arm, task, seed)}"]
-
-
-def run_queue(queue: list[tuple[str, str, int]], jobs: int) -> int:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(REPO / "src")}
-    running: dict[subprocess.Popen, tuple[str, str, int, float]] = {}
-    failed = 0
-    draining = False
-
-    def drain(*_):  # SIGUSR1: start nothing new, exit once the running jobs end
-        nonlocal draining
-        draining = True
-        print("draining: no new jobs", flush=True)
-
-    signal.signal(signal.SIGUSR1, drain)
-    pending = list(queue)
-    while pending or running:
-        while pending and len(running) < jobs and not draining:
-            arm, task, seed = pending.pop(0)
-            path = job_dir(arm, task, seed)
-            if path.exists():  # a killed attempt: start clean (train.py would refuse a used run directory)
-                shutil.rmtree(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            log = open(path.parent / f"{task}_s{seed}.log", "w")
-            proc = subprocess.Popen(command(arm, task, seed), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-            log.close()  # the child holds its own handle
-            running[proc] = (arm, task, seed, time.time())
-            print(f"start {arm} {task} s{seed} ({len(pending)} queued)", flush=True)
-        if draining:
-            pending.clear()
-        time.sleep(2)
-        for proc in [p for p in running if p.poll() is not None]:
-            arm, task, seed, t0 = running.pop(proc)
-            ok = proc.returncode == 0 and done(job_dir(arm, task, seed))
-            failed += not ok
-            print(f"{'done' if ok else 'FAILED'} {arm} {task} s{seed} in {time.time() - t0:.0f} s", flush=True)
-    return failed
+def job(arm: str, task: str, seed: int) -> Job:
+    return Job(f"{arm} {task} s{seed}", job_dir(arm, task, seed),
+               (f"task={task}", f"seed={seed}", *COMMON, *TASKS[task], *ARMS[arm][1], *EXTRA))
 
 
 def report(study: str) -> None:
@@ -121,10 +80,7 @@ def report(study: str) -> None:
                 shutil.rmtree(dst, ignore_errors=True)
                 shutil.copytree(src, dst, ignore=shutil.ignore_patterns("adapter", "checkpoints"))
     if (root / "jobs").exists():
-        # relative paths: the report names its source, and the committed report should not name this machine
-        subprocess.run([sys.executable, "-m", "report", os.path.relpath(root / "jobs", REPO), "--out",
-                        os.path.relpath(root, REPO)], cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": str(REPO / "src")}, check=False)
+        jobqueue.report(root / "jobs", root)
 
 
 def main() -> int:
@@ -136,7 +92,11 @@ def main() -> int:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--results", default=None, help="where the ablation_<study>/ folders go (default bench/results)")
+    ap.add_argument("--extra", default="", help="space-separated overrides added to every job, e.g. "
+                    "'trainer.device=cuda' (say so in the study's README: the reference arm must share them)")
+    ap.add_argument("--deadline-s", type=float, default=None, help="start no job after this many seconds")
     args = ap.parse_args()
+    EXTRA.extend(args.extra.split())
     if args.results:
         global RESULTS
         RESULTS = Path(args.results).resolve()
@@ -150,10 +110,9 @@ def main() -> int:
         return 0
     failed = 0
     if not args.report_only:
-        queue = [(arm, task, int(seed)) for arm in arms for seed in args.seeds.split(",")
-                 for task in args.tasks.split(",") if not done(job_dir(arm, task, int(seed)))]
-        print(f"{len(queue)} jobs to run", flush=True)
-        failed = run_queue(queue, args.jobs)
+        queue = [job(arm, task, int(seed)) for arm in arms for seed in args.seeds.split(",")
+                 for task in args.tasks.split(",")]
+        _, failed = jobqueue.run_queue(queue, args.jobs, args.deadline_s)
     for study in sorted({ARMS[a][0] for a in arms} | {s for a in arms for s in SHARED.get(a, [])}):
         report(study)
     return 1 if failed else 0

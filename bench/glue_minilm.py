@@ -1,0 +1,109 @@
+"""The committed six-method GLUE table (issue 16): tune the learning rate, run the final seeds, report.
+
+The README's protocol (tune → run → report) as one resumable job queue, so that it can be killed and finished
+later, on a CPU or on a GPU (`--extra trainer.device=cuda`):
+
+  1. tune   every method × task × lr of the grid on the tuning seeds (101, 102)
+  2. select `python -m report tune/jobs --select-lr tune/selected`: per method × task, the lr with the best mean
+            best-epoch dev score over the tuning seeds (lorabench/tuning.py), written as task_method/ configs
+  3. final  every method × task on seeds 1, 2, 3, composing the selection (hydra.searchpath=[file://…/selected])
+            exactly as the README's final sweep does; the final seeds never took part in the choice
+  4. report `python -m report final/jobs --out bench/results/glue_minilm` (paired Δ vs LoRA, Pareto plot)
+
+The protocol, the same for every method: the default model (minilm), budget r8 with budget.match=params (AdaLoRA
+and DoRA-dynamic at LoRA r8's stored size), 3 epochs, batch 32, sequence 128, full dev sets; SST-2 trains on a
+fixed 8000-example subset of its 67k (the same subset for every method and seed).
+
+  python bench/glue_minilm.py                        # all of it, 2 jobs at a time (2 cores)
+  python bench/glue_minilm.py --phase tune --jobs 14 --extra trainer.device=cuda --deadline-s 400
+  python bench/glue_minilm.py --list                 # the jobs and what is done
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jobqueue
+from jobqueue import REPO, Job
+
+METHODS = ["lora", "dora", "adalora", "dora_dynamic", "xgblora", "dynamic_lora"]
+# largest first, so that the long jobs do not start last and leave the queue's tail to one process
+TASKS = {"sst2": ["trainer.max_train_samples=8000"], "cola": [], "stsb": [], "mrpc": [], "rte": []}
+COMMON = ["trainer.epochs=3", "logger=none", "trainer.progress_bar=false", "budget=r8", "budget.match=params"]
+LRS = "2e-4,5e-4,1e-3,2e-3"
+TUNE_SEEDS = "101,102"
+FINAL_SEEDS = "1,2,3"
+
+
+def tune_jobs(root: Path, lrs: list[str], seeds: list[str], extra: list[str]) -> list[Job]:
+    return [Job(f"tune {m} {t} lr={lr} s{s}", root / "tune" / "jobs" / m / f"{t}_lr{lr}_s{s}",
+                (f"method={m}", f"task={t}", f"seed={s}", f"trainer.lr={lr}", *COMMON, *opts, *extra))
+            for s in seeds for lr in lrs for t, opts in TASKS.items() for m in METHODS]
+
+
+def final_jobs(root: Path, seeds: list[str], extra: list[str]) -> list[Job]:
+    selected = root / "tune" / "selected"
+    rel = selected.resolve().relative_to(REPO) if selected.resolve().is_relative_to(REPO) else selected.resolve()
+    return [Job(f"final {m} {t} s{s}", root / "final" / "jobs" / m / f"{t}_s{s}",
+                (f"method={m}", f"task={t}", f"seed={s}", *COMMON, *opts, *extra,
+                 f"hydra.searchpath=[file://{rel}]"))
+            for s in seeds for t, opts in TASKS.items() for m in METHODS]
+
+
+def select(root: Path) -> bool:
+    """Writes tune/selected/ from the tuning jobs; False unless every method × task has a selection."""
+    code = jobqueue.report(root / "tune" / "jobs", root / "tune", "--select-lr", str(root / "tune" / "selected"))
+    chosen = root / "tune" / "selected" / "selected_lr.json"
+    if code not in (0, 1) or not chosen.exists():
+        return False
+    missing = [f"{t}_{m}" for m in METHODS for t in TASKS
+               if not (root / "tune" / "selected" / "task_method" / f"{t}_{m}.yaml").exists()]
+    if missing:
+        print(f"no selection for {', '.join(missing)}", file=sys.stderr)
+    return not missing
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--phase", choices=["tune", "final", "all", "report"], default="all")
+    ap.add_argument("--lrs", default=LRS, help=f"the tuning grid (default {LRS})")
+    ap.add_argument("--tune-seeds", default=TUNE_SEEDS)
+    ap.add_argument("--seeds", default=FINAL_SEEDS, help="the final seeds")
+    ap.add_argument("--jobs", type=int, default=2, help="jobs at once, one torch thread each")
+    ap.add_argument("--extra", default="", help="space-separated overrides for every job that leave the protocol "
+                                                "alone, e.g. trainer.device=cuda")
+    ap.add_argument("--deadline-s", type=float, default=None, help="start no job after this many seconds")
+    ap.add_argument("--results", default=str(REPO / "bench" / "results" / "glue_minilm"))
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    root, extra = Path(args.results), args.extra.split()
+    tune = tune_jobs(root, args.lrs.split(","), args.tune_seeds.split(","), extra)
+    if args.list:
+        for j in tune + (final_jobs(root, args.seeds.split(","), extra)):
+            print(f"{'ok  ' if jobqueue.finished_ok(j.run_dir) else '    '}{j.name}")
+        return 0
+    failed = 0
+    if args.phase in ("tune", "all"):
+        _, failed = jobqueue.run_queue(tune, args.jobs, args.deadline_s)
+        if not all(jobqueue.finished_ok(j.run_dir) for j in tune):
+            print("tuning is not complete: run again to finish it", file=sys.stderr)
+            return 1
+    if args.phase in ("final", "all"):
+        if not select(root):
+            print("no complete learning-rate selection: finish the tuning phase first", file=sys.stderr)
+            return 1
+        _, f = jobqueue.run_queue(final_jobs(root, args.seeds.split(","), extra), args.jobs, args.deadline_s)
+        failed += f
+    if args.phase in ("final", "all", "report") and (root / "final" / "jobs").exists():
+        jobqueue.report(root / "final" / "jobs", root)
+        sel = root / "tune" / "selected" / "selected_lr.json"
+        if sel.exists():
+            print(json.dumps(json.loads(sel.read_text()), indent=1)[:2000])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
