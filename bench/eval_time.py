@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from step_time import make_batch, method_cfg, model_spec  # noqa: E402
 
-from lorabench import methods  # noqa: E402
+from lorabench import assemble  # noqa: E402
 from lorabench.backbone import load_model  # noqa: E402
 from lorabench.budget import Budget  # noqa: E402
 
@@ -44,7 +44,7 @@ METHODS = ("lora", "dora", "adalora", "dora_dynamic", "dynamic_lora")
 def perturbed(base, spec, name: str, rank: int):
     model = copy.deepcopy(base)
     torch.manual_seed(0)
-    method = methods.attach(model, spec, method_cfg(name), Budget(f"r{rank}", rank))
+    method = assemble.attach(model, spec, method_cfg(name), Budget(f"r{rank}", rank))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in method.trainable_parameters():

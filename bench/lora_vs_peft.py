@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO / "src"))
 from lorabench.backbone import ModelSpec, head_parameters, load_model, load_tokenizer  # noqa: E402
 from lorabench.data import BatchLoader, Collator, load_task_data, resolve_glue_dir  # noqa: E402
 from lorabench.metrics import compute_metrics  # noqa: E402
-from lorabench.run import run_job, seed_everything  # noqa: E402
+from lorabench.assemble import seed_everything  # noqa: E402
+from lorabench.run import run_job  # noqa: E402
 
 TASKS = ("cola", "sst2", "mrpc", "stsb", "rte", "wnli")
 
@@ -118,7 +119,7 @@ def copy_initial_weights(peft_model, task: str, seed: int, args, spec, model_spe
     so a gap between them is a defect (a frozen head part, a wrong scale, a training-loop difference)."""
     from lorabench import methods
     from lorabench.budget import Budget
-    from lorabench.run import build_adapted_model
+    from lorabench.assemble import build_adapted_model
 
     cfg = compose(task, seed, args)
     ours, head, method = build_adapted_model(model_spec, spec, methods.get("lora"), cfg["method"],

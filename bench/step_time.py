@@ -43,7 +43,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from lorabench import methods  # noqa: E402
+from lorabench import assemble, methods  # noqa: E402
 from lorabench.backbone import ModelSpec, freeze_backbone, head_parameters, load_model, load_tokenizer  # noqa: E402
 from lorabench.budget import Budget  # noqa: E402
 from lorabench.data import BatchLoader, Collator, TokenizedSplit  # noqa: E402
@@ -151,7 +151,7 @@ def build(config: str, args) -> tuple[nn.Module, list, list]:
     mcfg = method_cfg(config)
     if "dropout" in mcfg:
         mcfg["dropout"] = args.adapter_dropout
-    m = methods.attach(model, spec, mcfg, budget)
+    m = assemble.attach(model, spec, mcfg, budget)
     return model, list(m.named_trainable_parameters()) + head, m.hooks() + [_MethodKeeper(m)]
 
 

@@ -16,7 +16,7 @@ import torch
 import yaml
 from torch import nn
 
-from lorabench import methods
+from lorabench import assemble, methods
 from lorabench.backbone import ModelSpec, freeze_backbone
 from lorabench.budget import Budget, adalora_budget
 from lorabench.data import BatchLoader, Collator, TokenizedSplit
@@ -33,7 +33,7 @@ N_MATRICES = 12
 
 def _adalora(model, budget=BUDGET, **kw):
     torch.manual_seed(0)
-    return methods.attach(model, SPEC, {"name": "adalora", "alpha": 8, **kw}, budget)
+    return assemble.attach(model, SPEC, {"name": "adalora", "alpha": 8, **kw}, budget)
 
 
 def _randomize(method, seed=0, scale=0.3):
@@ -431,7 +431,7 @@ def test_state_dict_resume_is_exact():
 
     resumed_model = copy.deepcopy(base)
     torch.manual_seed(99)
-    resumed = methods.attach(resumed_model, SPEC, {"name": "adalora", "alpha": 8, **kw}, BUDGET)
+    resumed = assemble.attach(resumed_model, SPEC, {"name": "adalora", "alpha": 8, **kw}, BUDGET)
     resumed.load_adapter_state_dict(saved["adapter"])
     resumed.load_state_dict(saved["method"])
     resumed.hooks()[0].load_state_dict(saved["hook"])
@@ -495,7 +495,7 @@ def test_trainer_run_ends_at_the_target_budget():
     model = tiny_bert()
     model.train()
     head = freeze_backbone(model)
-    m = methods.attach(model, SPEC, {"name": "adalora", "alpha": 8, "delta_t": 2}, BUDGET)
+    m = assemble.attach(model, SPEC, {"name": "adalora", "alpha": 8, "delta_t": 2}, BUDGET)
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(1, 128, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
            for _ in range(32)]

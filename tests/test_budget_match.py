@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabench import methods
+from lorabench import assemble
 from lorabench.backbone import ModelSpec
 from lorabench.budget import Budget, keep_best_within
 from conftest import TINY_SPEC_DICT, tiny_bert
@@ -28,7 +28,7 @@ def test_keep_best_within_is_a_score_prefix_that_fits():
 
 def _lora_stored(rank: int) -> int:
     model = tiny_bert()
-    return methods.attach(model, SPEC, {"name": "lora"}, Budget("b", rank)).ledger().stored_at_end
+    return assemble.attach(model, SPEC, {"name": "lora"}, Budget("b", rank)).ledger().stored_at_end
 
 
 def _ffn_first_scores(layers, shape):
@@ -40,7 +40,7 @@ def _ffn_first_scores(layers, shape):
 def _final_ledger(name: str, match: str):
     model = tiny_bert()
     torch.manual_seed(0)
-    method = methods.attach(model, SPEC, {"name": name}, Budget("r4", 4, match=match))
+    method = assemble.attach(model, SPEC, {"name": name}, Budget("r4", 4, match=match))
     layers = list(method.layers.values())
     if name == "adalora":
         alloc = method.allocator

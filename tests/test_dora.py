@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorabench import methods
+from lorabench import assemble, methods
 from lorabench.backbone import ModelSpec
 from lorabench.budget import Budget
 from lorabench.methods.base import AdapterDropout, draw_keep_mask
@@ -20,7 +20,7 @@ SPEC = ModelSpec.from_dict(TINY_SPEC_DICT)
 
 
 def _dora(model, rank=4, alpha=8, **kw):
-    return methods.attach(model, SPEC, {"name": "dora", "alpha": alpha, **kw}, Budget("b", rank))
+    return assemble.attach(model, SPEC, {"name": "dora", "alpha": alpha, **kw}, Budget("b", rank))
 
 
 def _layer(d_in=16, d_out=8, rank=4, alpha=8, dropout=0.0, bias=True, seed=0):

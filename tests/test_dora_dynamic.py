@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorabench import methods
+from lorabench import assemble, methods
 from lorabench.backbone import ModelSpec, freeze_backbone
-from lorabench.budget import Budget, dora_dynamic_kept, dora_dynamic_schedule
+from lorabench.budget import Budget, dora_dynamic_schedule, dora_dynamic_window
 from lorabench.data import BatchLoader, Collator, TokenizedSplit
 from lorabench.errors import ConfigError
 from lorabench.methods.base import LowRankLinear
@@ -29,7 +29,7 @@ BUDGET = Budget("r4", 4)  # r′ = 6 on 12 matrices of tiny_bert: N = 72, target
 def _attach(model=None, budget=BUDGET, **kw):
     model = model if model is not None else tiny_bert()
     cfg = {"name": "dora_dynamic", "alpha": 8, "dropout": 0.0, **kw}
-    return model, methods.attach(model, SPEC, cfg, budget)
+    return model, assemble.attach(model, SPEC, cfg, budget)
 
 
 def _randomize(method, seed=0, gates=True):
@@ -149,6 +149,16 @@ def test_ema_matches_hand_rollout():
 
 def _expected_k(p, P, N, r_init, r):
     return max(math.floor(Fraction(N) * (1 - Fraction(r, r_init)) * Fraction(p, P) ** 3), 1)
+
+
+def dora_dynamic_kept(step: int, total_steps: int, n_components: int, init_rank: int, target_rank: int,
+                      interval: int, warmup_frac: float = 0.15, final_frac: float = 0.50) -> int:
+    """Components kept after the latest event at or before `step` (§3.4, no ties): N − k; N before any event."""
+    p, P = dora_dynamic_window(step, total_steps, warmup_frac, final_frac)
+    if p < 0:
+        return n_components
+    p_event = P if p >= P else p - p % interval
+    return n_components - _expected_k(p_event, P, n_components, init_rank, target_rank)
 
 
 def test_worked_example_of_the_spec():
@@ -452,7 +462,7 @@ def test_trainer_run_ends_exactly_on_target():
     model = tiny_bert()
     model.train()
     head = freeze_backbone(model)
-    m = methods.attach(model, SPEC, {"name": "dora_dynamic", "alpha": 8, "dropout": 0.1, "prune_interval": 2},
+    m = assemble.attach(model, SPEC, {"name": "dora_dynamic", "alpha": 8, "dropout": 0.1, "prune_interval": 2},
                        BUDGET)
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(1, 128, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()

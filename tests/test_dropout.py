@@ -11,7 +11,7 @@ import torch
 import yaml
 from torch import nn
 
-from lorabench import methods
+from lorabench import assemble, methods
 from lorabench.backbone import ModelSpec
 from lorabench.budget import Budget
 from lorabench.errors import ConfigError
@@ -150,7 +150,7 @@ def _qkv_masks(shared: bool):
     cfg = {**yaml.safe_load((REPO / "conf" / "method" / "lora.yaml").read_text()), "dropout": 0.5}
     if shared:
         cfg["shared_dropout_mask"] = True
-    method = methods.attach(model, SPEC, cfg, Budget("r4", 4))
+    method = assemble.attach(model, SPEC, cfg, Budget("r4", 4))
     model.train()
     masks = {}
     for name, layer in method.layers.items():

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from lorabench import methods
+from lorabench import assemble, methods
 from lorabench.backbone import ModelSpec, freeze_backbone
 from lorabench.budget import Budget
 from lorabench.data import BatchLoader, Collator, TokenizedSplit
@@ -36,7 +36,7 @@ def _cfg(**over):
 
 
 def _dyn(model, budget=Budget("b", RANK), **over):
-    return methods.attach(model, SPEC, _cfg(**over), budget)
+    return assemble.attach(model, SPEC, _cfg(**over), budget)
 
 
 def _randomize(method, seed=0, gate=True):
@@ -92,7 +92,7 @@ def test_unit_weights_zero_gate_equals_plain_lora(gate):
     base = tiny_bert()
     ours, ref = copy.deepcopy(base), copy.deepcopy(base)
     m = _dyn(ours, gate=gate)
-    lora = methods.attach(ref, SPEC, {"name": "lora", "alpha": ALPHA}, Budget("b", RANK))
+    lora = assemble.attach(ref, SPEC, {"name": "lora", "alpha": ALPHA}, Budget("b", RANK))
     _randomize(m, gate=False)  # u = v = 0, w ≡ 1
     with torch.no_grad():
         for name, layer in m.layers.items():
@@ -189,7 +189,7 @@ def _run_training(allocation, gate="token", total=20, interval=3, caplog=None, *
     model.train()
     head = freeze_backbone(model)
     budget = Budget("b", RANK, init_ratio=1.5)
-    m = methods.attach(model, SPEC, _cfg(allocation=allocation, gate=gate, realloc_interval=interval, **over),
+    m = assemble.attach(model, SPEC, _cfg(allocation=allocation, gate=gate, realloc_interval=interval, **over),
                        budget)
 
     class Snapshot(TrainerHook):
@@ -474,7 +474,7 @@ def _train_with_probe(preserve, total=16, interval=4, lr=1e-2):
     model = tiny_bert()
     model.train()
     head = freeze_backbone(model)
-    m = methods.attach(model, SPEC, _cfg(realloc_interval=interval, preserve_function=preserve), Budget("b", RANK))
+    m = assemble.attach(model, SPEC, _cfg(realloc_interval=interval, preserve_function=preserve), Budget("b", RANK))
     batch = tiny_batch()
     before, after = _EventProbe(model, m, batch), _EventProbe(model, m, batch)
     g = torch.Generator().manual_seed(0)
@@ -528,7 +528,7 @@ def test_preserved_event_acts_as_a_learning_rate_multiplier():
         freeze_backbone(model)
         for p in model.parameters():
             p.requires_grad_(False)  # only the adapter trains here: the head would mix in its own path
-        m = methods.attach(model, SPEC, _cfg(gate="none", **cfg_over), Budget("b", RANK))
+        m = assemble.attach(model, SPEC, _cfg(gate="none", **cfg_over), Budget("b", RANK))
         _randomize(m, seed=4, gate=False)
         return model, m
 
@@ -610,6 +610,6 @@ def test_shipped_config_is_revision_2():
     from conftest import REPO
 
     cfg = yaml.safe_load((REPO / "conf" / "method" / "dynamic_lora.yaml").read_text())
-    m = methods.attach(tiny_bert(), SPEC, cfg, Budget("r8", 8))
+    m = assemble.attach(tiny_bert(), SPEC, cfg, Budget("r8", 8))
     assert (m.unweighted_importance, m.preserve_function, m.beta, m.n_events, m.w_min, m.w_max, m.gate_scale) == \
         (True, True, 0.95, 10, 0.5, 2.0, 0.5)

@@ -26,7 +26,8 @@ from lorabench import export, methods
 from lorabench.backbone import ModelSpec, load_model, load_tokenizer
 from lorabench.budget import Budget
 from lorabench.data import TaskSpec, read_glue_tsv
-from lorabench.run import _save_adapter, build_adapted_model, seed_everything
+from lorabench.assemble import build_adapted_model, seed_everything
+from lorabench.run import _save_adapter
 
 SEED = 5
 PEFT_METHODS = {  # method → overrides of its YAML

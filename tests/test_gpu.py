@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from lorabench import methods
+from lorabench import assemble, methods
 from lorabench.backbone import ModelSpec, freeze_backbone
 from lorabench.budget import Budget
 from lorabench.data import BatchLoader, Collator, TokenizedSplit
@@ -38,7 +38,7 @@ def test_amp_training_on_cuda(name, precision):
     head = freeze_backbone(model)
     torch.manual_seed(0)
     config = yaml.safe_load((REPO / "conf" / "method" / f"{name}.yaml").read_text())
-    method = methods.attach(model, SPEC, config, Budget("r4", 4))
+    method = assemble.attach(model, SPEC, config, Budget("r4", 4))
     params = list(method.named_trainable_parameters()) + head
     before = {n: p.detach().clone() for n, p in params}
     loader = BatchLoader(_split(), 8, Collator(0), seed=1)

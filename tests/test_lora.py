@@ -9,17 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from lorabench import methods
+from lorabench import assemble, methods
 from lorabench.backbone import ModelSpec, find_targets
 from lorabench.budget import Budget, lora_param_count
 from lorabench.methods.base import LowRankLinear
-from conftest import TINY_SPEC_DICT, tiny_batch, tiny_bert
+from conftest import TINY_SPEC_DICT, require, tiny_batch, tiny_bert
 
 SPEC = ModelSpec.from_dict(TINY_SPEC_DICT)
 
 
 def _lora(model, rank=4, alpha=8, **kw):
-    return methods.attach(model, SPEC, {"name": "lora", "alpha": alpha, **kw}, Budget("b", rank))
+    return assemble.attach(model, SPEC, {"name": "lora", "alpha": alpha, **kw}, Budget("b", rank))
 
 
 def _randomize(method, seed=0):
@@ -126,7 +126,7 @@ def test_targets_by_full_path_not_suffix():
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_parity_with_peft(rslora):
-    peft = pytest.importorskip("peft")
+    peft = require("peft")
     base = tiny_bert()
     ours = copy.deepcopy(base)
     m = _lora(ours, rank=4, alpha=8, use_rslora=rslora)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from lorabench import methods
+from lorabench import assemble, methods
 from lorabench.backbone import ModelSpec
 from lorabench.budget import Budget
 from lorabench.errors import ConfigError
@@ -31,7 +31,7 @@ def method_config(name: str) -> dict:
 
 def _attach(model, name):
     torch.manual_seed(0)
-    return methods.attach(model, SPEC, method_config(name), BUDGET)
+    return assemble.attach(model, SPEC, method_config(name), BUDGET)
 
 
 def _perturb(method, seed=1):
@@ -85,7 +85,7 @@ def test_save_load_gives_equal_logits(name):
     state = m.adapter_state_dict()
     fresh = tiny_bert()
     torch.manual_seed(123)  # a different init, overwritten by the load
-    m2 = methods.attach(fresh, SPEC, method_config(name), BUDGET)
+    m2 = assemble.attach(fresh, SPEC, method_config(name), BUDGET)
     m2.load_adapter_state_dict(state)
     batch = tiny_batch()
     with torch.no_grad():
@@ -146,7 +146,7 @@ def test_stacked_qkv_down_projection_is_the_same_function(name, monkeypatch):
         cfg = {**method_config(name), "dropout": 0.0, "fold_low_rank": False}  # the unfolded path stacks
         if not stacked:
             cfg["stack_shared_inputs"] = False  # stacked: the method's own default
-        method = methods.attach(model, SPEC, cfg, BUDGET)
+        method = assemble.attach(model, SPEC, cfg, BUDGET)
         _perturb(method)
         model.train()
         out = model(**tiny_batch())
@@ -172,7 +172,7 @@ def test_folded_fp32_step_is_the_same_function(name):
     for fold in (True, False):
         model = tiny_bert()
         torch.manual_seed(0)
-        method = methods.attach(model, SPEC, {**method_config(name), "dropout": 0.0, "fold_low_rank": fold}, BUDGET)
+        method = assemble.attach(model, SPEC, {**method_config(name), "dropout": 0.0, "fold_low_rank": fold}, BUDGET)
         _perturb(method)
         model.train()
         x = torch.randn(2, 5, 32)
@@ -202,7 +202,7 @@ def test_fused_dropout_step_is_the_same_function(name):
     for fuse in (True, False):
         model = tiny_bert()
         torch.manual_seed(0)
-        method = methods.attach(model, SPEC, {**method_config(name), "dropout": 0.3, "fold_low_rank": fuse}, BUDGET)
+        method = assemble.attach(model, SPEC, {**method_config(name), "dropout": 0.3, "fold_low_rank": fuse}, BUDGET)
         _perturb(method)
         model.train()
         x = torch.randn(2, 5, 32)
@@ -228,7 +228,7 @@ def test_fused_dropout_step_is_the_same_function(name):
 
 def test_fold_is_used_where_it_applies_and_only_there():
     model = tiny_bert()
-    method = methods.attach(model, SPEC, method_config("lora"), BUDGET)
+    method = assemble.attach(model, SPEC, method_config("lora"), BUDGET)
     layer = next(iter(method.layers.values()))
     x = torch.randn(2, 5, 32)
     model.train()
@@ -249,7 +249,7 @@ def test_fold_is_used_where_it_applies_and_only_there():
     assert not layer.fold_now(x.to(torch.bfloat16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not layer.fold_now(x)  # a small ΔW would be rounded away in bf16 W0 + ΔW
-    dyn = methods.attach(tiny_bert(), SPEC, method_config("dynamic_lora"), BUDGET)
+    dyn = assemble.attach(tiny_bert(), SPEC, method_config("dynamic_lora"), BUDGET)
     assert not next(iter(dyn.layers.values())).fold_now(x)  # the token gate depends on the input
 
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from lorabench import methods
+from lorabench import assemble
 from lorabench.backbone import ModelSpec, freeze_backbone
 from lorabench.budget import Budget
 from lorabench.data import BatchLoader, Collator, TokenizedSplit
@@ -30,7 +30,7 @@ def _setup(cfg: TrainerConfig, hooks=(), n=16, regularizer=None, model=None):
     model = model or tiny_bert()
     model.train()
     head = freeze_backbone(model)
-    m = methods.attach(model, SPEC, {"name": "lora", "alpha": 8}, Budget("b", 4))
+    m = assemble.attach(model, SPEC, {"name": "lora", "alpha": 8}, Budget("b", 4))
     loader = BatchLoader(_split(n), cfg.batch_size, Collator(0), seed=1)
     evaluate = lambda mdl: {"eval/accuracy": 0.5}  # noqa: E731
     params = list(m.named_trainable_parameters()) + head

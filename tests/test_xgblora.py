@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from lorabench import methods
+from lorabench import assemble, methods
 from lorabench.backbone import ModelSpec, freeze_backbone
 from lorabench.budget import Budget
 from lorabench.methods.xgblora import booster_end_steps, cyclic_block_schedule
@@ -31,7 +31,7 @@ def _cfg(**over):
 
 
 def _xgb(model, **over):
-    return methods.attach(model, SPEC, _cfg(**over), Budget("b", 4))
+    return assemble.attach(model, SPEC, _cfg(**over), Budget("b", 4))
 
 
 def _split(n=16, seed=0):
@@ -50,7 +50,7 @@ def _train_setup(model, method_cfg, tcfg, before=(), after=(), budget=Budget("b"
     """freeze → attach → Trainer with hooks [before..., method hooks..., after...]."""
     model.train()
     head = freeze_backbone(model)
-    m = methods.attach(model, SPEC, method_cfg, budget)
+    m = assemble.attach(model, SPEC, method_cfg, budget)
     loader = BatchLoader(_split(), tcfg.batch_size, Collator(0), seed=1)
     params = list(m.named_trainable_parameters()) + head
     tr = Trainer(tcfg, model, params, loader, lambda mdl: {"eval/accuracy": 0.5}, "accuracy",
@@ -423,8 +423,8 @@ def test_default_boosters_store_at_most_lora_r(layers_per_booster, booster_rank)
     rank, n_blocks = 4, 2
     model = tiny_bert(layers=n_blocks)
     cfg = _cfg(steps_per_booster=None, layers_per_booster=layers_per_booster, booster_rank=booster_rank)
-    m = methods.attach(model, SPEC, cfg, Budget("r4", rank))
-    lora = methods.attach(tiny_bert(layers=n_blocks), SPEC, {"name": "lora", "alpha": 16}, Budget("r4", rank))
+    m = assemble.attach(model, SPEC, cfg, Budget("r4", rank))
+    lora = assemble.attach(tiny_bert(layers=n_blocks), SPEC, {"name": "lora", "alpha": 16}, Budget("r4", rank))
     lora_size = lora.ledger().stored_at_end
     lpb = layers_per_booster or n_blocks
     assert m.n_boosters == max(1, rank * n_blocks // (booster_rank * lpb))
@@ -449,7 +449,7 @@ def test_shipped_config_is_revision_2():
     cfg = yaml.safe_load((REPO / "conf" / "method" / "xgblora.yaml").read_text())
     lora = yaml.safe_load((REPO / "conf" / "method" / "lora.yaml").read_text())
     assert cfg["alpha"] == lora["alpha"]
-    m = methods.attach(tiny_bert(layers=2), SPEC, cfg, Budget("r8", 8))
+    m = assemble.attach(tiny_bert(layers=2), SPEC, cfg, Budget("r8", 8))
     assert (m.layers_per_booster, m.n_boosters, m.block_sampling, m.booster_rank) == (2, 8, "cyclic", 1)
 
 

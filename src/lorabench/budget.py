@@ -209,13 +209,3 @@ def dora_dynamic_schedule(step: int, total_steps: int, n_components: int, init_r
     if p % interval != 0 and not is_last:
         return PruneEvent("prune", False, 0, False)
     return PruneEvent("prune", True, dora_dynamic_n_pruned(p, P, n_components, init_rank, target_rank), is_last)
-
-
-def dora_dynamic_kept(step: int, total_steps: int, n_components: int, init_rank: int, target_rank: int,
-                      interval: int, warmup_frac: float = 0.15, final_frac: float = 0.50) -> int:
-    """Components the schedule keeps after the latest event at or before `step` (no ties): N − k; N before any."""
-    p, P = dora_dynamic_window(step, total_steps, warmup_frac, final_frac)
-    if p < 0:
-        return n_components
-    p_event = P if p >= P else p - p % interval
-    return n_components - dora_dynamic_n_pruned(p_event, P, n_components, init_rank, target_rank)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import distributed
+from . import distributed, rundir
 from .errors import ConfigError, LorabenchError, RunInterrupted
 from .rundir import FRESH_DIR_FILES, finished_ok
 
@@ -134,7 +134,7 @@ def quiet_other_processes(processes: distributed.Processes) -> None:
 
 
 # What a run directory holds when its job failed before training: Hydra's files and the failed record.
-_SETUP_ONLY = FRESH_DIR_FILES | {"results.json"}
+_SETUP_ONLY = FRESH_DIR_FILES | {rundir.RESULTS_FILE}
 
 
 def remove_setup_failure(run_dir: Path) -> None:
@@ -146,7 +146,7 @@ def remove_setup_failure(run_dir: Path) -> None:
 
     try:
         names = {p.name for p in run_dir.iterdir()}
-        results = run_dir / "results.json"
+        results = run_dir / rundir.RESULTS_FILE
         # no results.json: refused before run_job started (only Hydra's files are there)
         record = json.loads(results.read_text()) if results.exists() else {"stage": "setup", "status": "failed"}
     except (OSError, ValueError):
@@ -167,7 +167,7 @@ def interrupted_message(e: RunInterrupted, out_dir: Path, in_sweep: bool) -> str
     where = f"at step {e.step}/{e.total_steps}" if e.step is not None else "before training started"
     line = f"interrupted ({e.signal_name}) {where}; partial results in {out_dir}"
     try:
-        checkpoint = json.loads((out_dir / "results.json").read_text()).get("checkpoint")
+        checkpoint = json.loads((out_dir / rundir.RESULTS_FILE).read_text()).get("checkpoint")
     except (OSError, ValueError):
         checkpoint = None
     if in_sweep:
@@ -188,17 +188,12 @@ def _resolve_or_record(resolve: Callable[[], dict[str, Any]], out_dir: Path,
     try:
         return resolve()
     except Exception as e:
-        import traceback
-
-        from .run import write_json_atomic
-
         if not distributed.current().is_main:
             raise  # rank 0 records it
-        record = {"status": "failed", "stage": "setup", "config": composed, "error": f"{type(e).__name__}: {e}",
-                  "error_type": type(e).__name__, "traceback": traceback.format_exc()}
+        record = rundir.failed_record(e, stage="setup", config=composed)
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(out_dir / "results.json", record)
+            rundir.write_json_atomic(out_dir / rundir.RESULTS_FILE, record)
         except OSError:  # an unwritable directory: the error itself still reaches the user
             pass
         raise

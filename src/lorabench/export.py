@@ -43,6 +43,7 @@ from torch import nn
 
 from .errors import ConfigError, LorabenchError
 from .methods.base import PeftLoraExport
+from .rundir import ADAPTER_DIR
 
 log = logging.getLogger("lorabench")
 
@@ -140,7 +141,7 @@ def write_peft_adapter(out_dir: Path, exp: PeftLoraExport, model: nn.Module, hea
                        model_spec=None, dropout: float = 0.0) -> None:
     from safetensors.torch import save_file
 
-    from .run import write_json_atomic
+    from .rundir import write_json_atomic
 
     _check_export(exp, model)
     params = dict(model.named_parameters())
@@ -242,10 +243,10 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     from .backbone import ModelSpec, load_tokenizer
     from .budget import Budget
     from .data import TaskSpec
-    from .run import build_adapted_model
+    from .assemble import build_adapted_model
 
     run_dir = Path(run_dir)
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = run_dir / ADAPTER_DIR
     meta_path, tensor_path = adapter_dir / LORABENCH_META, adapter_dir / LORABENCH_TENSORS
     if not meta_path.exists() or not tensor_path.exists():
         raise ConfigError(f"{run_dir} has no finished adapter ({meta_path.name} and {tensor_path.name} in "
@@ -360,9 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"run directory {args.run_dir} does not exist")
         if not args.merge and args.svd_rank is None:
             loaded = load_run(args.run_dir)
-            written = export_adapter(loaded.run_dir / "adapter", loaded.method, loaded.model,
+            written = export_adapter(loaded.run_dir / ADAPTER_DIR, loaded.method, loaded.model,
                                      loaded.head_param_names, loaded.model_spec)
-            print(f"{loaded.run_dir / 'adapter'}: {', '.join(written.values()) or 'no interchange form'}")
+            print(f"{loaded.run_dir / ADAPTER_DIR}: {', '.join(written.values()) or 'no interchange form'}")
         if args.merge:
             out = merge_run(args.run_dir, args.out)
             print(f"merged model: {out}")

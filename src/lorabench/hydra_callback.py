@@ -161,7 +161,7 @@ class SweepReportCallback(Callback):
         if config.get("plan"):
             from .plan import print_plan
 
-            print_plan(cli.PLANNED_JOBS, sweep=True)
+            print_plan(cli.PLANNED_JOBS, failed=len(cli.FAILED_JOBS))
             return
         if not current().is_main:
             return  # rank 0 reports; the others' jobs are its jobs

@@ -149,7 +149,7 @@ def calibrate(cfg: dict[str, Any], spec: TaskSpec, model_spec: ModelSpec, budget
     seconds_per_eval_batch, build_seconds}."""
     from transformers.utils import logging as hf_logging
 
-    from .run import build_adapted_model
+    from .assemble import build_adapted_model
     from .training.trainer import Trainer
 
     t0 = time.perf_counter()
@@ -245,7 +245,7 @@ def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> None:
 def plan_job(cfg: dict[str, Any], name: str) -> JobPlan:
     """The plan of the job `cfg` (a resolved config, as run_job gets it). Raises what run_job would raise on a
     config that cannot run (unknown method, bad option, missing data)."""
-    from .run import trainer_config
+    from .assemble import trainer_config
     from .training.trainer import resolve_device, resolve_eval_every
 
     _note_start()
@@ -382,11 +382,9 @@ def format_plan(plans: list[JobPlan], failed: int = 0, start_seconds: float = 0.
     return "\n".join(out)
 
 
-def print_plan(plans: list[JobPlan], sweep: bool = False) -> None:
-    """Print the plan of the jobs planned in this process; a sweep with a job that could not be planned exits 1."""
-    from . import cli
-
-    failed = len(cli.FAILED_JOBS) if sweep else 0
+def print_plan(plans: list[JobPlan], failed: int = 0) -> None:
+    """Print the plan of the jobs planned in this process; with `failed` jobs that could not be planned (a sweep's),
+    exit 1."""
     print(format_plan(plans, failed, _START_SECONDS[0] or 0.0), flush=True)
     if failed:
         sys.exit(1)

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from . import paired, tuning
+from .rundir import ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, RESULTS_FILE, flatten
 
 GLUE_ORDER = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 TASK_TITLES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
@@ -65,7 +66,7 @@ SELECTIONS = (("best", "Best epoch", "the best evaluation of each run (by its pr
                "over seeds"),
               ("last", "Last epoch", "the final evaluation of each run, then mean ± std over seeds"))
 # Sub-directories of a job directory that never hold another job.
-SKIP_DIRS = {".hydra", "wandb", "tensorboard", "adapter", "plots", ".submitit", "checkpoints", "checkpoint",
+SKIP_DIRS = {".hydra", "wandb", "tensorboard", ADAPTER_DIR, "plots", ".submitit", CHECKPOINTS_DIR, "checkpoint",
              "__pycache__"}
 # Module-name suffix (after `...layer.<i>.`) → matrix type, for BERT/RoBERTa and DeBERTa-v2/v3 names.
 MATRIX_TYPES = {
@@ -94,7 +95,7 @@ class Job:
     @property
     def status(self) -> str:
         if self.results is None:
-            return "unreadable" if (self.dir / "results.json").exists() else "missing"
+            return "unreadable" if (self.dir / RESULTS_FILE).exists() else "missing"
         return str(self.results.get("status", "unknown"))
 
     @property
@@ -111,7 +112,7 @@ class Job:
     def finished_at(self) -> float:
         """When results.json was written (its modification time): which of two runs of one seed is newer."""
         try:
-            return (self.dir / "results.json").stat().st_mtime
+            return (self.dir / RESULTS_FILE).stat().st_mtime
         except OSError:
             return float("-inf")
 
@@ -141,7 +142,7 @@ def find_job_dirs(root: Path) -> list[Path]:
     """Directories holding a job's contract files (results.json, metrics.jsonl or .hydra/), recursively."""
     found = []
     for path, dirs, files in _walk(root):
-        if "results.json" in files or "metrics.jsonl" in files or ".hydra" in dirs:
+        if RESULTS_FILE in files or METRICS_FILE in files or ".hydra" in dirs:
             found.append(path)
             dirs[:] = []  # a job directory holds no other job
         else:
@@ -163,7 +164,7 @@ def _natural_key(p: Path | str) -> list:
 def read_job(job_dir: Path, root: Path) -> Job:
     rel = str(job_dir.relative_to(root)) if job_dir != root else "."
     job = Job(dir=job_dir, rel=rel)
-    results_path = job_dir / "results.json"
+    results_path = job_dir / RESULTS_FILE
     if results_path.exists():
         try:
             data = json.loads(results_path.read_text())
@@ -179,7 +180,7 @@ def read_job(job_dir: Path, root: Path) -> Job:
         if not isinstance(best, dict) or not isinstance(last, dict):
             job.problem = "results.json has status ok but no best/last metrics"
             job.results = None
-    job.evals = _read_jsonl(job_dir / "metrics.jsonl")
+    job.evals = _read_jsonl(job_dir / METRICS_FILE)
     if job.results is None:
         job.hydra_cfg = _read_hydra_config(job_dir)
     return job
@@ -275,16 +276,6 @@ def _budget_rank(budget: str) -> tuple[int, str]:
     return (-int(m.group(1)) if m else 0, budget)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def job_lr(j: Job) -> float | None:
     lr = ((j.results or {}).get("config") or {}).get("trainer", {}).get("lr")
     return float(lr) if isinstance(lr, (int, float)) else None
@@ -311,7 +302,7 @@ def row_keys(jobs: list[Job]) -> dict[int, RowKey]:
     method_cfgs: dict[str, list[dict[str, Any]]] = {}
     for j in jobs:
         cfg = (j.results.get("config") or {}).get("method") or {}
-        method_cfgs.setdefault(str(j.field("method")), []).append(_flatten(cfg))
+        method_cfgs.setdefault(str(j.field("method")), []).append(flatten(cfg))
     varying: dict[str, list[str]] = {}
     for method, cfgs in method_cfgs.items():
         keys = sorted(set().union(*cfgs) - {"name"})
@@ -319,7 +310,7 @@ def row_keys(jobs: list[Job]) -> dict[int, RowKey]:
     out = {}
     for j in jobs:
         method = str(j.field("method"))
-        cfg = _flatten((j.results.get("config") or {}).get("method") or {})
+        cfg = flatten((j.results.get("config") or {}).get("method") or {})
         variant = ",".join([f"{k}={cfg.get(k)}" for k in varying[method]] +
                            ([f"lr={fmt_lr(job_lr(j))}"] if method in lr_grid else []))
         out[id(j)] = RowKey(method, variant, str(j.field("budget")), str(j.field("model")))

@@ -22,48 +22,28 @@ import json
 import logging
 import os
 import platform
-import random
 import signal
 import subprocess
 import time
-import traceback
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import distributed, methods, rundir
-from .backbone import ModelSpec, find_targets, freeze_backbone, load_model, load_tokenizer
+from .assemble import DATA_KEYS, build_adapted_model, make_evaluator, seed_everything, trainer_config
+from .backbone import ModelSpec, load_tokenizer
 from .budget import Budget
 from .data import BatchLoader, Collator, DataLimits, TaskSpec, load_task_data, resolve_glue_dir
-from .errors import ConfigError, LorabenchError, RunInterrupted, TrainingError
-from .metrics import compute_metrics
+from .errors import ConfigError, RunInterrupted, TrainingError
+from .rundir import write_json_atomic
 from .tracking import Tracker, build_tracker
 from .validate import check_method_options, did_you_mean
 from .training import checkpoint as ckpt
-from .training.trainer import Trainer, TrainerConfig, TrainingStopped, peak_memory_mb
+from .training.trainer import Trainer, TrainingStopped, peak_memory_mb, resolve_device
 
 log = logging.getLogger("lorabench")
-
-# trainer-group keys that shape the data rather than the loop
-DATA_KEYS = tuple(f.name for f in fields(DataLimits))
-# trainer-group keys about the run directory rather than the loop
-RUN_KEYS = ("resume",)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
 
 def git_hash() -> str | None:
     try:
@@ -84,59 +64,6 @@ def package_versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             out[pkg] = None
     return out
-
-
-def trainer_config(d: dict[str, Any]) -> TrainerConfig:
-    known = {f.name for f in fields(TrainerConfig)}
-    extra = {k: v for k, v in d.items() if k not in known and k not in DATA_KEYS + RUN_KEYS and k != "name"}
-    if extra:
-        allowed = known | set(DATA_KEYS) | set(RUN_KEYS)
-        first = sorted(extra)[0]
-        raise ConfigError(f"unknown trainer option {first!r}{did_you_mean(first, allowed)}; known: "
-                          f"{', '.join(sorted(allowed))}")
-    return TrainerConfig(**{k: v for k, v in d.items() if k in known})
-
-
-def make_evaluator(spec: TaskSpec, eval_loaders: dict[str, BatchLoader], trainer_ref: list, method=None,
-                   processes: distributed.Processes = distributed.SINGLE):
-    """evaluate(model) → {"eval/<metric><suffix>": value} over every eval split of the task.
-
-    With a `method`, evaluation runs through merged weights where the method allows it (inference then costs
-    what the backbone costs) and the training weights come back exactly afterwards. With several `processes`
-    the loaders are each process's slice (distributed.EvalShard): predictions are gathered in order and every
-    process computes the same metrics."""
-    suffix = {s.name: s.suffix for s in spec.eval_splits}
-
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        if method is None:
-            return _evaluate(model)
-        with method.merged_for_eval():
-            return _evaluate(model)
-
-    @torch.no_grad()
-    def _evaluate(model: torch.nn.Module) -> dict[str, float]:
-        trainer = trainer_ref[0]
-        model.eval()
-        out: dict[str, float] = {}
-        for split, loader in eval_loaders.items():
-            preds, labels = [], []
-            for batch in loader:
-                batch = trainer._to_device(batch)
-                y = batch.pop("labels")
-                with trainer.autocast():
-                    logits = model(**batch).logits.float()
-                preds.append(logits.squeeze(-1) if spec.is_regression else logits.argmax(-1))
-                labels.append(y)
-            p = torch.cat(preds).cpu().numpy() if preds else np.empty(0)
-            t = torch.cat(labels).cpu().numpy() if labels else np.empty(0)
-            if processes.distributed:
-                p = np.concatenate([a for a in processes.gather(p) if a.size])
-                t = np.concatenate([a for a in processes.gather(t) if a.size])
-            for k, v in compute_metrics(spec.metrics, p, t).items():
-                out[f"eval/{k}{suffix[split]}"] = v
-        return out
-
-    return evaluate
 
 
 def run_job(cfg: dict[str, Any], out_dir: str | Path, signals=None,
@@ -189,10 +116,7 @@ def run_job(cfg: dict[str, Any], out_dir: str | Path, signals=None,
         _record(record_dir, results)
         raise
     except BaseException as e:
-        results["status"] = "failed"
-        results["error"] = f"{type(e).__name__}: {e}"
-        results["error_type"] = type(e).__name__
-        results["traceback"] = traceback.format_exc()
+        results.update(rundir.failed_record(e))
         results["wall_seconds"] = time.perf_counter() - t0
         _record(record_dir, results)
         raise
@@ -207,7 +131,7 @@ def _record(record_dir: Path | None, results: dict[str, Any]) -> None:
     """results.json of a run that did not finish, where we may write it (None: a directory not ours to touch;
     always None outside rank 0)."""
     if record_dir is not None and record_dir.is_dir() and os.access(record_dir, os.W_OK):
-        write_json_atomic(record_dir / "results.json", results)
+        write_json_atomic(record_dir / rundir.RESULTS_FILE, results)
 
 
 def _lock(run_dir: Path, locked: list[Path]) -> None:
@@ -233,7 +157,7 @@ def _check_writable(out_dir: Path) -> None:
 
 
 def _holds_run(d: Path) -> bool:
-    return (d / ckpt.CHECKPOINT_DIR).is_dir() or (d / "results.json").exists()
+    return (d / ckpt.CHECKPOINT_DIR).is_dir() or (d / rundir.RESULTS_FILE).exists()
 
 
 def _resume_target(value: Any) -> str | None:
@@ -262,7 +186,7 @@ def prepare_run_dir(cfg: dict[str, Any], out_dir: Path) -> tuple[Path, ckpt.Resu
                               f"trainer.resume=true, or choose another hydra.run.dir (or delete "
                               f"{out_dir / ckpt.CHECKPOINT_DIR})")
         # a finished or failed earlier run without checkpoints: start over, its logs must not mix with ours
-        for name in ("metrics.jsonl", "train_log.jsonl"):
+        for name in (rundir.METRICS_FILE, rundir.TRAIN_LOG_FILE):
             ckpt.truncate_jsonl(out_dir / name, 0)
         return out_dir, None
 
@@ -287,7 +211,7 @@ def prepare_run_dir(cfg: dict[str, Any], out_dir: Path) -> tuple[Path, ckpt.Resu
                 if target == "" else "")
         raise ConfigError(f"nothing to resume: {run_dir} has no complete checkpoint (checkpoints/step-*/"
                           f"{ckpt.MANIFEST}); runs save them with trainer.checkpoint_every=<steps>{hint}")
-    previous = run_dir / "results.json"
+    previous = run_dir / rundir.RESULTS_FILE
     if previous.exists():
         try:
             status = json.loads(previous.read_text()).get("status")
@@ -310,7 +234,7 @@ def _newest_resumable_sibling(run_dir: Path, cfg: dict[str, Any]) -> Path | None
         if found is None:
             continue
         try:
-            if json.loads((d / "results.json").read_text()).get("status") == "ok":
+            if json.loads((d / rundir.RESULTS_FILE).read_text()).get("status") == "ok":
                 continue
         except (OSError, ValueError):
             pass  # killed before it wrote results.json: resumable
@@ -338,7 +262,7 @@ def _requeued_after_interrupt(run_dir: Path) -> bool:
     if not under_submitit() or not ckpt.complete_checkpoints(run_dir):
         return False
     try:
-        return json.loads((run_dir / "results.json").read_text()).get("status") == "interrupted"
+        return json.loads((run_dir / rundir.RESULTS_FILE).read_text()).get("status") == "interrupted"
     except (OSError, ValueError):
         return False
 
@@ -346,20 +270,6 @@ def _requeued_after_interrupt(run_dir: Path) -> bool:
 def _describe(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"task": cfg["task"]["name"], "method": cfg["method"]["name"], "model": cfg["model"]["name"],
             "budget": cfg["budget"].get("name", f"r{cfg['budget']['rank']}"), "seed": cfg["seed"]}
-
-
-def build_adapted_model(model_spec: ModelSpec, spec: TaskSpec, method_cls, method_config: dict[str, Any],
-                        budget: Budget, seed: int, vocab_size: int):
-    """(model, head, method): the backbone with a fresh task head and the method attached, a pure function of
-    its arguments (export.py rebuilds a run's model with it)."""
-    seed_everything(seed)  # the head init (and a config-built backbone) depend on the seed only
-    model = load_model(model_spec, spec.num_labels, spec.is_regression, vocab_size=vocab_size)
-    head = freeze_backbone(model)
-    targets = find_targets(model, model_spec, budget.target_modules)
-    seed_everything(seed)  # the adapter init depends on the seed only, not on what loading consumed
-    method = method_cls(method_config, budget)
-    method.attach(model, targets)
-    return model, head, method
 
 
 def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float, tracker_box: list,
@@ -408,12 +318,11 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     if processes.distributed:  # trainer.batch_size stays the global batch; each process takes its share
         train_loader = distributed.ShardedBatches(train_loader, processes)
         eval_loaders = distributed.shard_loaders(eval_loaders, processes)
-    trainer_ref: list = []
-    evaluate = make_evaluator(spec, eval_loaders, trainer_ref, method, processes)
+    evaluate = make_evaluator(spec, eval_loaders, resolve_device(tcfg.device), tcfg.precision, method, processes)
 
     if resume is not None:
         # the resumed run redoes every step after the checkpoint: drop what the killed run logged past it
-        for name in ("metrics.jsonl", "train_log.jsonl") if processes.is_main else ():
+        for name in (rundir.METRICS_FILE, rundir.TRAIN_LOG_FILE) if processes.is_main else ():
             ckpt.truncate_jsonl(out_dir / name, resume.step)
         results["resumed_from"] = {"checkpoint": str(resume.ckpt_dir), "step": resume.step}
     meta = {"task": spec.name, "name": cfg.get("run_name") or f"{spec.name}-{method.name}-{budget.name}",
@@ -438,7 +347,6 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
                       on_eval=on_eval, head_param_names=[n for n, _ in head], checkpointer=checkpointer,
                       stop_requested=signals.stop_requested if signals is not None else None,
                       processes=processes)
-    trainer_ref.append(trainer)
     where = (f"{processes.world_size} processes ({processes.backend}; about {tcfg.batch_size // processes.world_size}"
              f" examples of each batch per process) on {trainer.device.type}" if processes.distributed
              else str(trainer.device))
@@ -480,7 +388,7 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     if not processes.is_main:  # rank 0 writes the adapter and results.json; the same state is everywhere
         results.update({"status": "ok", "rank_pattern": method.rank_pattern()})
         return results
-    exports = _save_adapter(out_dir / "adapter", method, model, head, cfg)
+    exports = _save_adapter(out_dir / rundir.ADAPTER_DIR, method, model, head, cfg)
 
     key = f"eval/{spec.primary_metric}"
     total_params = sum(p.numel() for p in model.parameters())
@@ -512,7 +420,7 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
         "n_eval": {k: len(v) for k, v in data.evals.items()},
     })
     tracker.log_summary({"best/" + k.split("/", 1)[1]: v for k, v in (fit.best or {}).items() if k.startswith("eval/")})
-    write_json_atomic(out_dir / "results.json", results)
+    write_json_atomic(out_dir / rundir.RESULTS_FILE, results)
     log.info("done: best %s = %.4f (epoch %s), last %.4f; results in %s", key, fit.best[key], fit.best["epoch"],
              fit.last[key], out_dir)
     return results
@@ -563,10 +471,3 @@ def _jsonable_state(state: dict[str, Any]) -> dict[str, Any]:
             v = v.tolist()
         out[k] = v
     return out
-
-
-def user_error_message(e: BaseException) -> str | None:
-    """One line for a user-fixable error, None for a bug (which keeps its traceback)."""
-    if isinstance(e, LorabenchError):
-        return f"error: {e}"
-    return None

@@ -1,4 +1,11 @@
-"""A run directory belongs to one run.
+"""The run directory: its contract (the file names a run writes and readers rely on, atomic JSON, the failed
+record, dotted config keys) and its ownership (one run per directory). Standard library only.
+
+The contract (README "Outputs"): results.json (status ok / failed / interrupted, metrics, ledger, timings),
+metrics.jsonl (one line per evaluation), train_log.jsonl (one line per log_every steps), adapter/ (the trained
+adapter: lorabench's own form and, where the method has one, HF PEFT's), checkpoints/ (exact resume).
+
+A run directory belongs to one run.
 
 Two guarantees, for the two ways a directory is chosen:
 
@@ -27,9 +34,12 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import os
 import socket
+import traceback
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 
@@ -38,10 +48,43 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no locking
     fcntl = None
 
+RESULTS_FILE = "results.json"
+METRICS_FILE = "metrics.jsonl"
+TRAIN_LOG_FILE = "train_log.jsonl"
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
 LOCK_NAME = ".lock"
 # What a run directory holds before its job wrote anything: Hydra's config and log, and the lock.
 FRESH_DIR_FILES = frozenset({".hydra", "train.log", LOCK_NAME})
 RESOLVER = "lorabench.unique_dir"
+
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never half of one (rename is atomic)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def failed_record(error: BaseException, **fields: Any) -> dict[str, Any]:
+    """The fields results.json gets for a run that failed: status, the error in one line, its type and traceback
+    (call it inside the `except` block), plus `fields` (stage, config, ...)."""
+    return {**fields, "status": "failed", "error": f"{type(error).__name__}: {error}",
+            "error_type": type(error).__name__, "traceback": traceback.format_exc()}
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys ({"trainer": {"lr": 1}} → {"trainer.lr": 1}); empty dicts vanish."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
 
 _claimed: dict[str, str] = {}  # requested path → the directory this process created for it
 _held: dict[str, int] = {}  # resolved run directory → descriptor of its locked .lock

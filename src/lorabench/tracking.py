@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .rundir import METRICS_FILE, TRAIN_LOG_FILE, flatten
+
 
 def _jsonable(v: Any) -> Any:
     if hasattr(v, "item"):
@@ -67,8 +69,8 @@ class JsonlTracker(Tracker):
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
-        self.metrics_path = self.out_dir / "metrics.jsonl"
-        self.train_path = self.out_dir / "train_log.jsonl"
+        self.metrics_path = self.out_dir / METRICS_FILE
+        self.train_path = self.out_dir / TRAIN_LOG_FILE
         self._pending_eval: dict[str, Any] | None = None
 
     def _append(self, path: Path, record: dict[str, Any]) -> None:
@@ -152,7 +154,7 @@ class TensorBoardTracker(Tracker):
         self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
         # hparams accept scalars and strings only: lists (target modules) become their string form
         self.hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                        for k, v in _flatten(config).items() if v is not None}
+                        for k, v in flatten(config).items() if v is not None}
         self.best: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
 
@@ -217,17 +219,6 @@ class MultiTracker(Tracker):
                 errors.append(e)
         if errors:
             raise errors[0]
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _netrc_has_wandb() -> bool:

@@ -44,15 +44,6 @@ def build(config: dict[str, Any], budget: Budget) -> AdapterMethod:
     return get(config["name"])(config, budget)
 
 
-def attach(model, model_spec, config: dict[str, Any], budget: Budget) -> AdapterMethod:
-    """Build the method and attach it to the budget's targets of `model` (for tests, benches, scripts)."""
-    from ..backbone import find_targets
-
-    method = build(config, budget)
-    method.attach(model, find_targets(model, model_spec, budget.target_modules))
-    return method
-
-
 def _import_all() -> None:
     import importlib
     import pkgutil
@@ -64,4 +55,4 @@ def _import_all() -> None:
 
 _import_all()
 
-__all__ = ["AdapterMethod", "LowRankLinear", "TargetInfo", "register", "names", "get", "build", "attach"]
+__all__ = ["AdapterMethod", "LowRankLinear", "TargetInfo", "register", "names", "get", "build"]

@@ -44,10 +44,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TrainingError
+from ..rundir import CHECKPOINTS_DIR, flatten
 
 log = logging.getLogger("lorabench")
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = CHECKPOINTS_DIR
 MANIFEST = "manifest.json"
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 1
@@ -71,18 +72,9 @@ def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`key: checkpoint X, now Y` for every leaf that differs."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten(saved), flatten(current)
     return [f"{k}: checkpoint {a.get(k, '<unset>')!r}, now {b.get(k, '<unset>')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
 

@@ -103,6 +103,14 @@ class TrainerConfig:
             raise ConfigError(f"trainer.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 
+def autocast_for(device: torch.device, precision: str):
+    """The autocast context of `precision` (fp32 | bf16 | fp16) on `device`: training steps and evaluation alike."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -205,9 +213,7 @@ class Trainer:
         self.regularizer = regularizer
         self.log = log or (lambda metrics, step: None)
         self.on_eval_cb = on_eval
-        self.amp_dtype = PRECISIONS[config.precision]
-        if self.amp_dtype is torch.float16 and self.device.type == "cpu":
-            pass  # CPU fp16 autocast is supported by torch >= 2.3 (a GradScaler("cpu") handles scaling)
+        self.amp_dtype = PRECISIONS[config.precision]  # CPU fp16 too: torch >= 2.3 (with a GradScaler("cpu"))
         self.params = [p for _, p in train_params]
         head_names = set(head_param_names)
         # No weight decay on 1-D tensors (biases, DoRA magnitudes, gates, singular values): decaying a gate
@@ -263,9 +269,7 @@ class Trainer:
             self.optimizer.state.pop(p, None)
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast_for(self.device, self.cfg.precision)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
