@@ -33,10 +33,10 @@ def main(argv=None) -> int:
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     for config in args.configs:
         tr, batch = make_trainer(config, args)
-        tr._optimizer_step([batch])  # warm-up: allocator, lazy optimizer state
+        tr.train_step([batch])  # warm-up: allocator, lazy optimizer state
         with profile(activities=activities) as prof:
             for _ in range(args.steps):
-                tr._optimizer_step([batch])
+                tr.train_step([batch])
             if cuda:
                 torch.cuda.synchronize()
         total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3 / args.steps

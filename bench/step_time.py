@@ -1,7 +1,7 @@
 """Time one training step of every method against the backbone's own floor and against HF PEFT.
 
 A step = forward + backward + optimizer + the method's hooks, through lorabench's real Trainer step
-(`Trainer._optimizer_step`), so AMP, clipping and hooks are what a run pays. Configurations, all on the same
+(`Trainer.train_step`), so AMP, clipping and hooks are what a run pays. Configurations, all on the same
 backbone, batch, sequence length and target maps, timed interleaved in one process (round-robin, so machine
 noise hits every configuration alike) and reported as ratios:
 
@@ -196,7 +196,7 @@ def time_steps(tr: Trainer, batch, n: int, device: str) -> list[float]:
     for _ in range(n):
         sync(device)
         t0 = time.perf_counter()
-        tr._optimizer_step([batch])
+        tr.train_step([batch])
         sync(device)
         out.append(time.perf_counter() - t0)
     return out

@@ -4,7 +4,7 @@ For each job, without training it:
 - its optimizer steps, computed as the trainer computes them (examples after `max_train_samples`, global batch,
   gradient accumulation, epochs, `max_steps`), and its evaluations (`eval_every` as the trainer resolves it);
 - the seconds per step of its configuration on this machine: a short timed calibration (WARMUP_STEPS untimed,
-  then the median of TIMED_STEPS) of the real training step (`Trainer._optimizer_step`: forward, backward, the
+  then the median of TIMED_STEPS) of the real training step (`Trainer.train_step`: forward, backward, the
   method's regularizer and hooks, clipping, AdamW) on a batch of random tokens with the job's batch size and
   the padded length its batches will have (the mean over the first epoch's batches, rounded up to a multiple
   of LENGTH_STEP);
@@ -172,14 +172,14 @@ def calibrate(cfg: dict[str, Any], spec: TaskSpec, model_spec: ModelSpec, budget
     for i in range(WARMUP_STEPS + TIMED_STEPS):
         _sync(trainer.device)
         t = time.perf_counter()
-        trainer._optimizer_step([batch])
+        trainer.train_step([batch])
         trainer.state.step = i + 1
         _sync(trainer.device)
         times.append(time.perf_counter() - t)
     seconds_per_step = statistics.median(times[WARMUP_STEPS:])
 
     eval_batch = _synthetic_batch(tcfg.eval_batch_size, eval_length, vocab, spec.is_regression, spec.num_labels, 1)
-    eval_batch = trainer._to_device({k: v for k, v in eval_batch.items() if k != "labels"})
+    eval_batch = trainer.to_device({k: v for k, v in eval_batch.items() if k != "labels"})
     model.eval()
     eval_times = []
     with method.merged_for_eval(), torch.no_grad():

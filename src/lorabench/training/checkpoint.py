@@ -288,16 +288,8 @@ class Checkpointer:
         rng_per_rank = self.processes.gather(rng_state())
         if not self.processes.is_main:
             return None
-        epoch_done = st.micro_step >= len(trainer.train_loader)
         state = {
-            "step": st.step,
-            # where the data order continues: the next epoch, or this epoch after the batches consumed
-            "resume_epoch": st.epoch + 1 if epoch_done else st.epoch,
-            "resume_skip_batches": 0 if epoch_done else st.micro_step,
-            "train_state": {"epoch": st.epoch, "micro_step": st.micro_step, "last_metrics": st.last_metrics},
-            "running_loss": (trainer._running_loss, trainer._running_n),
-            "result": {"history": trainer.result.history, "best": trainer.result.best, "last": trainer.result.last,
-                       "skipped_steps": trainer.result.skipped_steps},
+            **trainer.loop_state(),  # step, where the data order continues, running loss, evaluation history
             "model": model_tensors,
             "adapter": self.method.adapter_state_dict(),
             "requires_grad": sorted(n for n, p in self.model.named_parameters() if p.requires_grad),
@@ -341,22 +333,11 @@ class Checkpointer:
                               f"{[h['type'] for h in saved_hooks]}, this run has {types}")
         for h, saved in zip(trainer.hooks, saved_hooks):
             h.load_state_dict(saved["state"])
-        st = trainer.state
-        st.step = state["step"]
-        st.epoch = state["train_state"]["epoch"]
-        st.micro_step = state["train_state"]["micro_step"]
-        st.last_metrics = state["train_state"]["last_metrics"]
-        trainer._start_epoch = state["resume_epoch"]
-        trainer._skip_batches = state["resume_skip_batches"]
-        trainer._running_loss, trainer._running_n = state["running_loss"]
-        res = state["result"]
-        trainer.result.history = list(res["history"])
-        trainer.result.best, trainer.result.last = res["best"], res["last"]
-        trainer.result.skipped_steps = res["skipped_steps"]
+        trainer.load_loop_state(state)
         set_rng_state(self._own_rng_state(state))  # last: nothing above may consume random numbers after it
         self.last_saved = point.ckpt_dir
-        log.info("resumed from %s: step %d of %d (epoch %d, %d batches into it)", point.ckpt_dir, st.step,
-                 trainer.total_steps, trainer._start_epoch + 1, trainer._skip_batches)
+        log.info("resumed from %s: step %d of %d (epoch %d, %d batches into it)", point.ckpt_dir, state["step"],
+                 trainer.total_steps, state["resume_epoch"] + 1, state["resume_skip_batches"])
 
     def _own_rng_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """This process's RNG state in the checkpoint. A process the checkpoint has none for (resumed with more

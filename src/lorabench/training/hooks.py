@@ -1,6 +1,6 @@
 """The hook protocol: how methods (and generic helpers) take part in training without the trainer naming them.
 
-Call points, in step order (see Trainer._optimizer_step):
+Call points, in step order (see Trainer.train_step):
   on_train_begin(state)          once, with state.total_steps known (schedules need T)
   after_backward(state)          gradients are complete and unscaled; skipped on steps the fp16 scaler skips
   after_optimizer_step(state)    parameters are post-update, gradients still present (pruning, allocation,

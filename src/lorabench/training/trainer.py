@@ -271,8 +271,39 @@ class Trainer:
     def autocast(self):
         return autocast_for(self.device, self.cfg.precision)
 
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    # --- the loop's position, for checkpoints (checkpoint.py) ------------------------------------------------
+    def loop_state(self) -> dict[str, Any]:
+        """Where the loop stands after the current optimizer step: the step, where the data order continues (the
+        next epoch, or this one after the batches consumed), the running train loss and the evaluations so far."""
+        st = self.state
+        epoch_done = st.micro_step >= len(self.train_loader)
+        return {
+            "step": st.step,
+            "resume_epoch": st.epoch + 1 if epoch_done else st.epoch,
+            "resume_skip_batches": 0 if epoch_done else st.micro_step,
+            "train_state": {"epoch": st.epoch, "micro_step": st.micro_step, "last_metrics": st.last_metrics},
+            "running_loss": (self._running_loss, self._running_n),
+            "result": {"history": self.result.history, "best": self.result.best, "last": self.result.last,
+                       "skipped_steps": self.result.skipped_steps},
+        }
+
+    def load_loop_state(self, saved: dict[str, Any]) -> None:
+        """Continue from `loop_state()`'s record: fit() then starts at the saved epoch, after its consumed batches."""
+        st = self.state
+        st.step = saved["step"]
+        st.epoch = saved["train_state"]["epoch"]
+        st.micro_step = saved["train_state"]["micro_step"]
+        st.last_metrics = saved["train_state"]["last_metrics"]
+        self._start_epoch = saved["resume_epoch"]
+        self._skip_batches = saved["resume_skip_batches"]
+        self._running_loss, self._running_n = saved["running_loss"]
+        res = saved["result"]
+        self.result.history = list(res["history"])
+        self.result.best, self.result.last = res["best"], res["last"]
+        self.result.skipped_steps = res["skipped_steps"]
 
     # --- the loop ----------------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
@@ -315,7 +346,7 @@ class Trainer:
                     if len(accum_batches) < cfg.grad_accum and batches_left > 0:
                         t_data = time.perf_counter()
                         continue
-                    loss = self._optimizer_step(accum_batches)
+                    loss = self.train_step(accum_batches)
                     accum_batches = []
                     st.micro_step = micro
                     if loss is not None:
@@ -383,7 +414,9 @@ class Trainer:
             out[self.primary_metric] = f"{self.state.last_metrics.get('eval/' + self.primary_metric, float('nan')):.4f}"
         return out
 
-    def _optimizer_step(self, batches: list[dict[str, torch.Tensor]]) -> float | None:
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> float | None:
+        """One optimizer step over `batches` (the step's micro-batches), exactly as fit() takes it: the mean loss,
+        or None when the fp16 scaler skipped the step. Benches and the planner time it."""
         cfg, st = self.cfg, self.state
         step = st.step + 1
         lr_mult = linear_warmup_decay(step, self.total_steps, self.warmup_steps)
@@ -394,7 +427,7 @@ class Trainer:
         n = len(batches)
         nonfinite: float | None = None
         for batch in batches:
-            batch = self._to_device(batch)
+            batch = self.to_device(batch)
             weight = batch.pop(LOSS_WEIGHT_KEY, None)
             with self.autocast():
                 out = self.model(**batch)
