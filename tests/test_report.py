@@ -149,6 +149,37 @@ def test_multi_metric_conventions_and_method_variants(tmp_path):
     assert row[4] == cell([(0.80 + 0.81) / 2, (0.80 + 0.82) / 2]) + " (n=2)"
 
 
+def test_task_title_and_columns_come_from_the_runs_task_config(tmp_path):
+    """A task the reporter has never heard of is named and laid out by the task group its runs trained with
+    (title, table_metrics on each dev split's suffix); a known task without them falls back to conf/task/."""
+    root = tmp_path / "runs"
+    task_cfg = {"name": "mytask", "title": "My Task", "table_metrics": ["f1", "accuracy"],
+                "eval_splits": {"dev": {"suffix": ""}, "dev2": {"suffix": "_b"}}}
+    for seed in (1, 2):
+        d = write_run(root, f"mytask_s{seed}", task="mytask", seed=seed,
+                      best={"f1": 0.5, "accuracy": 0.6, "f1_b": 0.4, "accuracy_b": 0.3})
+        results = json.loads((d / "results.json").read_text())
+        results["config"]["task"] = task_cfg
+        (d / "results.json").write_text(json.dumps(results))
+        write_run(root, f"rte_s{seed}", task="rte", seed=seed, best={"accuracy": 0.7})
+    report.build_report(root, plots=False)
+    rows = table_rows((root / "report.md").read_text(), "Best epoch")
+    assert rows[0] == ["method", "stored params", "RTE (acc)", "My Task (F1/acc/f1_b/accuracy_b)", "GLUE avg"]
+    assert rows[2][3].startswith("50.00 ± 0.00 / 60.00 ± 0.00 / 40.00 ± 0.00 / 30.00 ± 0.00")
+
+
+def test_a_task_config_with_table_metrics_outside_its_metrics_is_refused():
+    from lorabench.data import TaskSpec
+    from lorabench.errors import ConfigError
+
+    d = {"name": "t", "dir": "T", "header": True, "text_columns": ["s"], "label_column": "label",
+         "label_values": ["0", "1"], "is_regression": False, "eval_splits": {"validation": {"file": "dev.tsv"}},
+         "metrics": ["accuracy"], "primary_metric": "accuracy"}
+    assert TaskSpec.from_dict(d).table_metrics == ("accuracy",) and TaskSpec.from_dict(d).title == "t"
+    with pytest.raises(ConfigError, match="table_metrics"):
+        TaskSpec.from_dict({**d, "table_metrics": ["f1"]})
+
+
 def test_failed_broken_and_missing_jobs_are_listed_and_the_rest_reported(tmp_path):
     root = tmp_path / "sweep"
     (root / "multirun.yaml").parent.mkdir(parents=True)

@@ -23,9 +23,9 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .errors import ConfigError, DataError
+from .validate import CONF_DIR
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TASK_CONF_DIR = REPO_ROOT / "conf" / "task"
+TASK_CONF_DIR = CONF_DIR / "task"
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ class TaskSpec:
     metrics: tuple[str, ...]
     primary_metric: str
     n_columns: int | None = None  # expected field count for files without a header
+    title: str = ""  # how reports name the task (default: its name)
+    table_metrics: tuple[str, ...] = ()  # the report's columns, the first in the GLUE average (default: primary)
 
     @property
     def num_labels(self) -> int:
@@ -65,7 +67,15 @@ class TaskSpec:
                    label_column=d["label_column"], label_values=tuple(str(v) for v in lv) if lv else None,
                    is_regression=bool(d["is_regression"]), train_file=d.get("train_file", "train.tsv"),
                    eval_splits=splits, hub=dict(d.get("hub") or {}), metrics=tuple(d["metrics"]),
-                   primary_metric=d["primary_metric"], n_columns=d.get("n_columns"))
+                   primary_metric=d["primary_metric"], n_columns=d.get("n_columns"),
+                   title=d.get("title") or d["name"],
+                   table_metrics=tuple(d.get("table_metrics") or (d["primary_metric"],)))
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.table_metrics if m not in self.metrics]
+        if unknown:
+            raise ConfigError(f"task {self.name}: table_metrics {unknown} are not among its metrics "
+                              f"{list(self.metrics)}")
 
 
 def task_names() -> list[str]:

@@ -49,16 +49,9 @@ from typing import Any, Iterable, Sequence
 
 from . import paired, tuning
 from .rundir import ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, RESULTS_FILE, flatten
+from .validate import CONF_DIR
 
 GLUE_ORDER = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
-TASK_TITLES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
-               "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
-# Metrics shown per task, in paper order; the first one is the task's number in the GLUE average.
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "cola": ("mcc",), "sst2": ("accuracy",), "mrpc": ("accuracy", "f1"), "qqp": ("accuracy", "f1"),
-    "stsb": ("pearson", "spearman"), "mnli": ("accuracy", "accuracy_mm"), "qnli": ("accuracy",),
-    "rte": ("accuracy",), "wnli": ("accuracy",),
-}
 METRIC_TITLES = {"accuracy": "acc", "accuracy_mm": "mm", "f1": "F1", "mcc": "MCC", "pearson": "Pearson",
                  "spearman": "Spearman"}
 METHOD_ORDER = ("lora", "dora", "dora_dynamic", "adalora", "xgblora", "dynamic_lora")
@@ -251,10 +244,35 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return m, (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def _task_config(task: str, runs: Iterable[Job]) -> dict[str, Any]:
+    """The task's facts (title, table_metrics, eval_splits): the task group of the config the runs trained with;
+    for runs from before the task configs named them, conf/task/<task>.yaml of this checkout."""
+    for j in runs:
+        cfg = ((j.results or {}).get("config") or {}).get("task")
+        if isinstance(cfg, dict) and "table_metrics" in cfg:
+            return cfg
+    path = CONF_DIR / "task" / f"{task}.yaml"
+    if path.exists():
+        import yaml  # PyYAML comes with omegaconf
+
+        return yaml.safe_load(path.read_text()) or {}
+    return {}
+
+
+def task_title(task: str, runs: Iterable[Job]) -> str:
+    return str(_task_config(task, runs).get("title") or task)
+
+
 def task_metrics(task: str, runs: Iterable[Job]) -> tuple[str, ...]:
-    """Metrics shown for a task: the paper convention, or the run's primary metric for a non-GLUE task."""
-    if task in TASK_METRICS:
-        return TASK_METRICS[task]
+    """Metrics shown for a task, the first being its number in the GLUE average: the task config's
+    `table_metrics` (the papers' convention) on each dev split (a split's suffix appended: MNLI's _mm), else the
+    runs' primary metric."""
+    runs = list(runs)
+    cfg = _task_config(task, runs)
+    shown = cfg.get("table_metrics")
+    if shown:
+        suffixes = [split.get("suffix", "") for split in (cfg.get("eval_splits") or {}).values()] or [""]
+        return tuple(f"{m}{suffix}" for suffix in suffixes for m in shown)
     for j in runs:
         key = j.results.get("primary_metric") or ""
         if key.startswith("eval/"):
@@ -350,11 +368,16 @@ class Table:
         return out
 
     def metrics(self, task: str) -> tuple[str, ...]:
-        runs = [j for r in self.rows for j in (self.cells.get((r, task)) or Cell([])).runs]
-        return task_metrics(task, runs)
+        return task_metrics(task, self.task_runs(task))
+
+    def task_runs(self, task: str) -> list[Job]:
+        return [j for r in self.rows for j in (self.cells.get((r, task)) or Cell([])).runs]
+
+    def title(self, task: str) -> str:
+        return task_title(task, self.task_runs(task))
 
     def header(self, task: str) -> str:
-        return f"{TASK_TITLES.get(task, task)} ({'/'.join(METRIC_TITLES.get(m, m) for m in self.metrics(task))})"
+        return f"{self.title(task)} ({'/'.join(METRIC_TITLES.get(m, m) for m in self.metrics(task))})"
 
     def primary_by_seed(self, row: RowKey, task: str, selection: str) -> dict[Any, float] | None:
         """The task's first metric per seed of a cell (None when the cell has no ok run)."""
@@ -728,7 +751,7 @@ def make_plots(table: Table, out_dir: Path) -> list[Path]:
     points = pareto_points(table)
     if points:
         ylabel = ("GLUE average ×100" if len(table.tasks) > 1
-                  else f"{TASK_TITLES.get(table.tasks[0], table.tasks[0])} ×100")
+                  else f"{table.title(table.tasks[0])} ×100")
         plot_pareto(points, plots_dir / "pareto.png", ylabel)
         written.append(plots_dir / "pareto.png")
     for row in table.rows:
@@ -743,7 +766,7 @@ def make_plots(table: Table, out_dir: Path) -> list[Path]:
             path = plots_dir / f"ranks_{_slug(label)}_{task}.png"
             seeds = "seed " + str(runs[0].field("seed")) if len(runs) == 1 else f"mean of {len(runs)} runs"
             plot_rank_heatmap([j.results["rank_pattern"] for j in runs], path,
-                              f"final ranks: {label}, {TASK_TITLES.get(task, task)} ({seeds})")
+                              f"final ranks: {label}, {table.title(task)} ({seeds})")
             written.append(path)
     for task in table.tasks:
         metric = table.metrics(task)[0]
@@ -761,7 +784,7 @@ def make_plots(table: Table, out_dir: Path) -> list[Path]:
                 pts = [(e["step"], e[key]) for e in j.evals if isinstance(e.get(key), (int, float)) and "step" in e]
                 if pts:
                     budgets.setdefault(label, []).append(([p[0] for p in pts], [p[1] for p in pts]))
-        title = TASK_TITLES.get(task, task)
+        title = table.title(task)
         if evals:
             path = plots_dir / f"eval_{task}.png"
             plot_curves(evals, path, f"{title}: eval {METRIC_TITLES.get(metric, metric)} vs step",
@@ -931,7 +954,7 @@ def lr_section(table: Table) -> list[str]:
     distinct = {v for vs in lrs.values() for v in vs}
     if len(distinct) <= 1:
         return ["", f"Learning rate: every run trained with trainer.lr = {fmt_lr(next(iter(distinct), None))}."]
-    head = ["row", *(TASK_TITLES.get(t, t) for t in table.tasks)]
+    head = ["row", *(table.title(t) for t in table.tasks)]
     lines = ["", "## Learning rates", "", "trainer.lr of each cell's runs (per-task values come from a learning-rate "
              "selection: README, \"Tuned learning rates\").", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -944,7 +967,7 @@ def lr_section(table: Table) -> list[str]:
 def paired_section(table: Table, reference: str) -> list[str]:
     """The paired-differences section of report.md (empty when no row has a `reference` row to pair with)."""
     lines = []
-    headers = [TASK_TITLES.get(t, t) for t in table.tasks]
+    headers = [table.title(t) for t in table.tasks]
     for selection, title, _ in SELECTIONS:
         rows = table.paired(selection, reference)
         if not rows:
