@@ -25,7 +25,7 @@ import platform
 import signal
 import subprocess
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -272,30 +272,72 @@ def _describe(cfg: dict[str, Any]) -> dict[str, Any]:
             "budget": cfg["budget"].get("name", f"r{cfg['budget']['rank']}"), "seed": cfg["seed"]}
 
 
+@dataclass
+class _Plan:
+    """A job's config, resolved and checked before anything heavy is loaded."""
+
+    seed: int
+    method_cls: type
+    spec: TaskSpec
+    model_spec: ModelSpec
+    budget: Budget
+    tcfg: Any  # TrainerConfig
+    limits: DataLimits
+    glue_dir: Path | None
+    cache_dir: Path | None
+
+
+@dataclass
+class _Job:
+    """What a job trains with, once built."""
+
+    data: Any  # data.TaskData
+    model: torch.nn.Module
+    head: list
+    method: Any  # AdapterMethod
+    train_params: list
+    tracker: Tracker
+    checkpointer: ckpt.Checkpointer
+    trainer: Trainer
+
+
 def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float, tracker_box: list,
          resume: ckpt.ResumePoint | None = None, signals=None,
          processes: distributed.Processes = distributed.SINGLE) -> dict[str, Any]:
-    seed = int(cfg["seed"])
-    method_cls = methods.get(cfg["method"]["name"])  # fail on an unknown method before loading anything
-    spec = TaskSpec.from_dict(cfg["task"])
-    model_spec = ModelSpec.from_dict(cfg["model"])
-    budget = Budget.from_dict(cfg["budget"])
+    """prepare → build → train → finish (each below)."""
+    plan = _prepare(cfg, processes)
+    log.info("run directory: %s", out_dir)
+    job = _build(cfg, plan, out_dir, results, resume, signals, processes)
+    tracker_box.append(job.tracker)
+    results["stage"] = "training"
+    fit = _train(job, plan, results, signals, processes)
+    return _finish(cfg, plan, job, fit, out_dir, results, t0, processes)
+
+
+def _prepare(cfg: dict[str, Any], processes: distributed.Processes) -> _Plan:
+    """Every spec of the job from its config: an unknown method, option or value fails here, before loading."""
+    method_cls = methods.get(cfg["method"]["name"])
     tcfg_dict = dict(cfg["trainer"])
     tcfg = trainer_config(tcfg_dict)
     if processes.distributed:
         tcfg = replace(tcfg, device=processes.device_name(tcfg.device))  # this process's GPU
-    limits = DataLimits.from_dict(tcfg_dict)
     check_method_options(cfg["method"])
     data_cfg = cfg.get("data") or {}
-    glue_dir = resolve_glue_dir(data_cfg.get("glue_dir"))
-    cache_dir = Path(data_cfg["cache_dir"]).expanduser() if data_cfg.get("cache_dir") else None
+    return _Plan(seed=int(cfg["seed"]), method_cls=method_cls, spec=TaskSpec.from_dict(cfg["task"]),
+                 model_spec=ModelSpec.from_dict(cfg["model"]), budget=Budget.from_dict(cfg["budget"]), tcfg=tcfg,
+                 limits=DataLimits.from_dict(tcfg_dict), glue_dir=resolve_glue_dir(data_cfg.get("glue_dir")),
+                 cache_dir=Path(data_cfg["cache_dir"]).expanduser() if data_cfg.get("cache_dir") else None)
 
-    log.info("run directory: %s", out_dir)
-    seed_everything(seed)
+
+def _build(cfg: dict[str, Any], plan: _Plan, out_dir: Path, results: dict[str, Any],
+           resume: ckpt.ResumePoint | None, signals, processes: distributed.Processes) -> _Job:
+    """Data, the adapted model, loaders, evaluator, tracker, checkpointer and trainer."""
+    spec, tcfg, limits = plan.spec, plan.tcfg, plan.limits
+    seed_everything(plan.seed)
 
     def load_data():
-        tokenizer = load_tokenizer(model_spec)
-        return tokenizer, load_task_data(spec, tokenizer, limits.max_seq_length, glue_dir, cache_dir,
+        tokenizer = load_tokenizer(plan.model_spec)
+        return tokenizer, load_task_data(spec, tokenizer, limits.max_seq_length, plan.glue_dir, plan.cache_dir,
                                          limits.max_train_samples, limits.max_eval_samples)
 
     # rank 0 first: it fills the tokenization cache (or downloads) once, the other processes then read it
@@ -303,16 +345,17 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     log.info("data: train %d examples (%s); eval %s", len(data.train), data.sources["train"],
              ", ".join(f"{k} {len(v)}" for k, v in data.evals.items()))
 
-    model, head, method = processes.main_first(
-        lambda: build_adapted_model(model_spec, spec, method_cls, cfg["method"], budget, seed, len(tokenizer)))
-    processes.fork_rng(seed)  # the same init everywhere; from here each process draws its own dropout masks
+    model, head, method = processes.main_first(lambda: build_adapted_model(
+        plan.model_spec, spec, plan.method_cls, cfg["method"], plan.budget, plan.seed, len(tokenizer)))
+    processes.fork_rng(plan.seed)  # the same init everywhere; from here each process draws its own dropout masks
     ledger = method.ledger()
     ledger.head_params = sum(p.numel() for _, p in head)
-    log.info("method %s on %s | budget %s | %s", method.name, model_spec.name, budget.name, ledger.summary())
+    log.info("method %s on %s | budget %s | %s", method.name, plan.model_spec.name, plan.budget.name,
+             ledger.summary())
     results["ledger_start"] = ledger.to_dict()
 
     collate = Collator(tokenizer.pad_token_id or 0)
-    train_loader = BatchLoader(data.train, tcfg.batch_size, collate, shuffle=True, seed=seed,
+    train_loader = BatchLoader(data.train, tcfg.batch_size, collate, shuffle=True, seed=plan.seed,
                                group_by_length=limits.group_by_length)
     eval_loaders = {k: BatchLoader(v, tcfg.eval_batch_size, collate, shuffle=False) for k, v in data.evals.items()}
     if processes.distributed:  # trainer.batch_size stays the global batch; each process takes its share
@@ -325,10 +368,14 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
         for name in (rundir.METRICS_FILE, rundir.TRAIN_LOG_FILE) if processes.is_main else ():
             ckpt.truncate_jsonl(out_dir / name, resume.step)
         results["resumed_from"] = {"checkpoint": str(resume.ckpt_dir), "step": resume.step}
-    meta = {"task": spec.name, "name": cfg.get("run_name") or f"{spec.name}-{method.name}-{budget.name}",
-            "group": cfg.get("group"), "tags": [method.name, spec.name, model_spec.name, budget.name]}
+    train_params = list(method.named_trainable_parameters()) + head
+    # Always present (every=0: no periodic saves) so that an interrupt can still save the state it stops at.
+    checkpointer = ckpt.Checkpointer(out_dir, tcfg.checkpoint_every, tcfg.keep_checkpoints,
+                                     ckpt.config_fingerprint(cfg), method, model, resume=resume,
+                                     processes=processes)
+    meta = {"task": spec.name, "name": cfg.get("run_name") or f"{spec.name}-{method.name}-{plan.budget.name}",
+            "group": cfg.get("group"), "tags": [method.name, spec.name, plan.model_spec.name, plan.budget.name]}
     tracker = build_tracker(cfg.get("logger") or {}, out_dir, cfg, meta) if processes.is_main else Tracker()
-    tracker_box.append(tracker)
 
     def on_eval(record: dict[str, Any]) -> None:
         _check_processes_agree(processes, method, head, f"at the evaluation of step {record['step']}")
@@ -337,16 +384,16 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
         shown = {k: round(v, 4) for k, v in record.items() if k.startswith("eval/")}
         log.info("eval step %d epoch %d: %s", record["step"], record["epoch"], shown)
 
-    train_params = list(method.named_trainable_parameters()) + head
-    # Always present (every=0: no periodic saves) so that an interrupt can still save the state it stops at.
-    checkpointer = ckpt.Checkpointer(out_dir, tcfg.checkpoint_every, tcfg.keep_checkpoints,
-                                     ckpt.config_fingerprint(cfg), method, model, resume=resume,
-                                     processes=processes)
-    trainer = Trainer(tcfg, model, train_params, train_loader, evaluate, spec.primary_metric,
-                      hooks=method.hooks(), regularizer=method.regularizer, log=tracker.log_metrics,
-                      on_eval=on_eval, head_param_names=[n for n, _ in head], checkpointer=checkpointer,
-                      stop_requested=signals.stop_requested if signals is not None else None,
-                      processes=processes)
+    try:
+        trainer = Trainer(tcfg, model, train_params, train_loader, evaluate, spec.primary_metric,
+                          hooks=method.hooks(), regularizer=method.regularizer, log=tracker.log_metrics,
+                          on_eval=on_eval, head_param_names=[n for n, _ in head], checkpointer=checkpointer,
+                          stop_requested=signals.stop_requested if signals is not None else None,
+                          processes=processes)
+        _check_processes_agree(processes, method, head, "after the model was built")
+    except BaseException:
+        tracker.finish("failed")  # run_job finishes the tracker of a built job; this one never got that far
+        raise
     where = (f"{processes.world_size} processes ({processes.backend}; about {tcfg.batch_size // processes.world_size}"
              f" examples of each batch per process) on {trainer.device.type}" if processes.distributed
              else str(trainer.device))
@@ -354,8 +401,12 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
              trainer.total_steps, trainer.epochs, trainer.steps_per_epoch, tcfg.batch_size, tcfg.grad_accum,
              where, tcfg.precision,
              f"every {trainer.eval_every} steps" if trainer.eval_every else "at the end of every epoch")
-    _check_processes_agree(processes, method, head, "after the model was built")
-    results["stage"] = "training"
+    return _Job(data, model, head, method, train_params, tracker, checkpointer, trainer)
+
+
+def _train(job: _Job, plan: _Plan, results: dict[str, Any], signals, processes: distributed.Processes):
+    """trainer.fit(), turning a stop signal into RunInterrupted (after saving the state it stopped at)."""
+    trainer, checkpointer = job.trainer, job.checkpointer
     try:
         with signals.deferring() if signals is not None else contextlib.nullcontext():
             fit = trainer.fit()
@@ -365,7 +416,7 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
         # Several processes stop after the same step and act on the same signal (the first any of them got).
         requested = distributed.first_signal(processes, signals.requested) if processes.distributed \
             else signals.requested
-        save = tcfg.checkpoint_every > 0 or requested != signal.SIGINT
+        save = plan.tcfg.checkpoint_every > 0 or requested != signal.SIGINT
         results.update(_partial_results(trainer, checkpointer.save(trainer) if save else None))
         raise RunInterrupted(requested, stop.step, stop.total_steps) from None
     except RunInterrupted as e:  # a second signal: stopped inside a step, nothing of that step is saved
@@ -376,10 +427,16 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
         if checkpointer.last_saved is not None:
             raise TrainingError(f"{e} The last good checkpoint is {checkpointer.last_saved}.") from None
         raise
+    _check_processes_agree(processes, job.method, job.head, "at the end of training")
+    return fit
 
-    _check_processes_agree(processes, method, head, "at the end of training")
+
+def _finish(cfg: dict[str, Any], plan: _Plan, job: _Job, fit, out_dir: Path, results: dict[str, Any], t0: float,
+            processes: distributed.Processes) -> dict[str, Any]:
+    """The adapter and results.json (rank 0); the results dict everywhere."""
+    method, trainer, data = job.method, job.trainer, job.data
     ledger = method.ledger()
-    ledger.head_params = sum(p.numel() for _, p in head)
+    ledger.head_params = sum(p.numel() for _, p in job.head)
     log.info("final | %s", ledger.summary())
     # share of the training time spent waiting for the next batch (collate, tokenized cache)
     data_fraction = fit.data_seconds / fit.train_seconds if fit.train_seconds > 0 else 0.0
@@ -388,10 +445,9 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
     if not processes.is_main:  # rank 0 writes the adapter and results.json; the same state is everywhere
         results.update({"status": "ok", "rank_pattern": method.rank_pattern()})
         return results
-    exports = _save_adapter(out_dir / rundir.ADAPTER_DIR, method, model, head, cfg)
+    exports = _save_adapter(out_dir / rundir.ADAPTER_DIR, method, job.model, job.head, cfg)
 
-    key = f"eval/{spec.primary_metric}"
-    total_params = sum(p.numel() for p in model.parameters())
+    key = f"eval/{plan.spec.primary_metric}"
     results.update({
         "status": "ok",
         "primary_metric": key,
@@ -403,8 +459,9 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
         "ledger": ledger.to_dict(),
         "rank_pattern": method.rank_pattern(),
         "adapter_exports": exports,
-        "params": {"trainable": sum(p.numel() for _, p in train_params), "adapter_trainable": ledger.trainable_now,
-                   "adapter_stored": ledger.stored_at_end, "head": ledger.head_params, "total": total_params},
+        "params": {"trainable": sum(p.numel() for _, p in job.train_params),
+                   "adapter_trainable": ledger.trainable_now, "adapter_stored": ledger.stored_at_end,
+                   "head": ledger.head_params, "total": sum(p.numel() for p in job.model.parameters())},
         "timings": {"train_seconds": fit.train_seconds, "eval_seconds": fit.eval_seconds,
                     "data_seconds": fit.data_seconds, "steps": fit.steps, "skipped_steps": fit.skipped_steps,
                     "seconds_per_step": fit.train_seconds / max(fit.steps, 1),
@@ -419,7 +476,8 @@ def _run(cfg: dict[str, Any], out_dir: Path, results: dict[str, Any], t0: float,
         "n_train": len(data.train),
         "n_eval": {k: len(v) for k, v in data.evals.items()},
     })
-    tracker.log_summary({"best/" + k.split("/", 1)[1]: v for k, v in (fit.best or {}).items() if k.startswith("eval/")})
+    job.tracker.log_summary({"best/" + k.split("/", 1)[1]: v for k, v in (fit.best or {}).items()
+                             if k.startswith("eval/")})
     write_json_atomic(out_dir / rundir.RESULTS_FILE, results)
     log.info("done: best %s = %.4f (epoch %s), last %.4f; results in %s", key, fit.best[key], fit.best["epoch"],
              fit.last[key], out_dir)
