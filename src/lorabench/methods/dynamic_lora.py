@@ -4,7 +4,7 @@ What is the paper's (methods.md §6.1, abstract only; the body was not available
 allocation mechanism" that "dynamically evaluates the layer's importance during fine-tuning" to reallocate
 adapter capacity, plus an "input feature-based adaptive strategy"; "+0.1% resources" over LoRA.
 No formulas and no code are public. Everything concrete below is OUR design: methods.md §6.2, revised by §6.4
-(revision 2), defaults to be chosen by the ablation in bench/results/ablation_dynamic_lora/ (in progress) [ours]:
+(revision 2), defaults kept by the ablation in bench/results/ablation_dynamic_lora/ (ties LoRA) [ours]:
 
   y = x W0ᵀ + b + s · w_ℓ · g_ℓ(x) · (drop(x) Aᵀ) Bᵀ,   s = α / r,  A kaiming-uniform, B = 0
 
