@@ -312,20 +312,10 @@ class Trainer:
             h.on_train_begin(st)
         if self.checkpointer is not None:
             self.checkpointer.restore(self)
-        bar = None
-        if cfg.progress_bar and self.processes.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.total_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True,
-                       file=sys.stderr, mininterval=1.0)
+        bar, redirect = self._progress_bar()
         t_start = time.perf_counter()
         t_eval = 0.0
         first_step = st.step
-        redirect = contextlib.ExitStack()
-        if bar is not None:  # log lines go above the bar instead of being glued onto it
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
-            redirect.enter_context(logging_redirect_tqdm())
         try:
             for epoch in range(self._start_epoch, self.epochs):
                 if st.step >= self.total_steps:  # resumed from the checkpoint of the last step
@@ -349,25 +339,8 @@ class Trainer:
                     loss = self.train_step(accum_batches)
                     accum_batches = []
                     st.micro_step = micro
-                    if loss is not None:
-                        self._running_loss += loss
-                        self._running_n += 1
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(self._postfix(loss), refresh=False)
-                    if st.step % cfg.log_every == 0 and self._running_n:
-                        self.log({"train/loss": self._running_loss / self._running_n,
-                                  "train/lr": self.optimizer.param_groups[0]["lr"], "train/epoch": epoch,
-                                  **{f"train/{k}": v for h in self.hooks for k, v in h.progress().items()}},
-                                 st.step)
-                        self._running_loss, self._running_n = 0.0, 0
-                    end_of_epoch = batches_left == 0
-                    if (self.eval_every and st.step % self.eval_every == 0) or \
-                            (not self.eval_every and end_of_epoch) or st.step == self.total_steps:
-                        t0 = time.perf_counter()
-                        self._evaluate(epoch, final=st.step == self.total_steps)
-                        t_eval += time.perf_counter() - t0
-                        self.model.train()
+                    self._report_step(loss, epoch, bar)
+                    t_eval += self._evaluate_if_due(epoch, end_of_epoch=batches_left == 0)
                     self.after_step()
                     if st.step - first_step == ESTIMATE_AFTER_STEPS and st.step < self.total_steps:
                         self._announce_estimate((time.perf_counter() - t_start - t_eval) / ESTIMATE_AFTER_STEPS)
@@ -387,6 +360,46 @@ class Trainer:
             self.result.eval_seconds = t_eval
             self.result.train_seconds = time.perf_counter() - t_start - t_eval
         return self.result
+
+    def _progress_bar(self):
+        """(tqdm bar or None, the context that routes log lines above it: close it when training ends)."""
+        redirect = contextlib.ExitStack()
+        if not (self.cfg.progress_bar and self.processes.is_main):
+            return None, redirect
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True,
+                   file=sys.stderr, mininterval=1.0)
+        redirect.enter_context(logging_redirect_tqdm())  # log lines go above the bar, not glued onto it
+        return bar, redirect
+
+    def _report_step(self, loss: float | None, epoch: int, bar) -> None:
+        """The running train loss, the bar, and a train/ log line every log_every steps."""
+        st = self.state
+        if loss is not None:
+            self._running_loss += loss
+            self._running_n += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(self._postfix(loss), refresh=False)
+        if st.step % self.cfg.log_every == 0 and self._running_n:
+            self.log({"train/loss": self._running_loss / self._running_n,
+                      "train/lr": self.optimizer.param_groups[0]["lr"], "train/epoch": epoch,
+                      **{f"train/{k}": v for h in self.hooks for k, v in h.progress().items()}}, st.step)
+            self._running_loss, self._running_n = 0.0, 0
+
+    def _evaluate_if_due(self, epoch: int, end_of_epoch: bool) -> float:
+        """Evaluate when eval_every says so (or at an epoch's end, or the last step); returns the seconds it took."""
+        st = self.state
+        due = (self.eval_every and st.step % self.eval_every == 0) or (not self.eval_every and end_of_epoch) \
+            or st.step == self.total_steps
+        if not due:
+            return 0.0
+        t0 = time.perf_counter()
+        self._evaluate(epoch, final=st.step == self.total_steps)
+        self.model.train()
+        return time.perf_counter() - t0
 
     def _announce_estimate(self, seconds_per_step: float) -> None:
         """After the first few steps: how long the run will take and when the first metric comes."""
