@@ -440,17 +440,18 @@ def test_default_boosters_store_at_most_lora_r(layers_per_booster, booster_rank)
         assert ledger.stored_at_end == lora_size
 
 
-def test_shipped_config_is_revision_2():
-    """The YAML decides the defaults a run gets: α = the LoRA arm's, n boosters from the budget, all blocks of a
-    ≤ 12-block encoder, cyclic sampling."""
+def test_shipped_config_is_the_ablation_choice():
+    """The YAML decides the defaults a run gets (bench/results/ablation_xgblora/README.md): α twice the LoRA arm's,
+    rank-4 boosters, n from the budget (2 at r8: LoRA r8's stored size), all blocks of a ≤ 12-block encoder,
+    cyclic sampling."""
     import yaml
     from conftest import REPO
 
     cfg = yaml.safe_load((REPO / "conf" / "method" / "xgblora.yaml").read_text())
     lora = yaml.safe_load((REPO / "conf" / "method" / "lora.yaml").read_text())
-    assert cfg["alpha"] == lora["alpha"]
+    assert cfg["alpha"] == 2 * lora["alpha"]
     m = assemble.attach(tiny_bert(layers=2), SPEC, cfg, Budget("r8", 8))
-    assert (m.layers_per_booster, m.n_boosters, m.block_sampling, m.booster_rank) == (2, 8, "cyclic", 1)
+    assert (m.layers_per_booster, m.n_boosters, m.block_sampling, m.booster_rank) == (2, 2, "cyclic", 4)
 
 
 @pytest.mark.parametrize("booster_rank", [1, 2])

@@ -1,4 +1,4 @@
-"""XGBLoRA: gradient-boosted rank-1 LoRA (Zhang et al., 2024, arXiv 2410.19694), methods.md §5.
+"""XGBLoRA: gradient-boosted low-rank LoRA (Zhang et al., 2024, arXiv 2410.19694), methods.md §5.
 
 What is the paper's (methods.md §5.1; abstract and the public ICLR 2025 reviews, the body was not available):
   - a sequence of LoRA "boosters" is trained and each is merged into the weights once trained ("iteratively
@@ -7,14 +7,15 @@ What is the paper's (methods.md §5.1; abstract and the public ICLR 2025 reviews
   - the merge has a step size α_t (a reviewer: a constant 1, our `shrinkage`); the booster objective has a norm
     penalty on A and B (our `booster_l2`, weight unknown).
 No public code exists. Everything concrete below is OUR design: methods.md §5.3, revised by §5.5 [ours]
-(revision 2; its defaults are to be chosen by the ablation in bench/results/ablation_xgblora/, in progress):
+(revision 2, defaults chosen by the ablation in bench/results/ablation_xgblora/: 2 rank-4 boosters, α 32 at r8):
   - K = the trainer's total optimizer steps, split into `n_boosters` boosters of near-equal length (booster t
     ends at step ⌊t·K/n⌋, so there are exactly n of them; `steps_per_booster` κ overrides this with the §5.3
     rule, ⌈K/κ⌉ boosters of κ steps). The default n keeps the stored factored size at LoRA-r's (see
     `default_n_boosters`). After each boundary step the live booster is merged and a new one starts (a
     ScheduleHook); the last booster stays live at the end (merge() or the merged export folds it);
-  - a booster is a rank-`booster_rank` LoRA (default 1, the paper's; s = α / booster_rank, α defaults to the
-    LoRA arm's 16, since under Adam the function moves with α, not α/r: §5.5) on every target matrix of L_s
+  - a booster is a rank-`booster_rank` LoRA (the paper's rank is 1; the shipped YAML's 4 won the ablation;
+    s = α / booster_rank, α 32 = twice the LoRA arm's, since under Adam the function moves with α, not α/r
+    (§5.5), and each booster trains for its share of the run only) on every target matrix of L_s
     encoder blocks (default: all blocks up to 12, ⌈L/3⌉ beyond). `block_sampling: cyclic` walks random
     permutations of the blocks L_s at a time, so every block is adapted equally often; `uniform` (§5.3) draws
     L_s distinct blocks afresh per booster. A kaiming-uniform(a=√5), B = 0: a new booster leaves the function
@@ -27,7 +28,7 @@ No public code exists. Everything concrete below is OUR design: methods.md §5.3
   - sampling and the A init are functions of (sample_seed, booster index) only, so the pair is the complete
     RNG state (exact resume) and a run seed gives the same blocks every time.
 
-Implementation [ours]: every target matrix keeps a rank-1 (A, B) pair allocated; only the live booster's pairs
+Implementation [ours]: every target matrix keeps a rank-`booster_rank` (A, B) pair allocated; only the live booster's pairs
 have requires_grad and run in forward (inactive layers skip the branch). All pairs are handed to the optimizer
 once (`named_trainable_parameters`), since the trainer builds it at the start; inactive ones get no gradient,
 so AdamW leaves them untouched. The ledger counts only the live booster as trainable.
