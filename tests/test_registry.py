@@ -165,28 +165,42 @@ def test_stacked_qkv_down_projection_is_the_same_function(name, monkeypatch):
         torch.testing.assert_close(grads_s[key], grads_p[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("name", methods.names())
-def test_folded_fp32_step_is_the_same_function(name):
-    """An fp32 training step folded into W0 + B diag(s·c) A: logits and every gradient equal the unfolded path."""
+def _step_both_ways(name: str, dropout: float, probe: str):
+    """One fp32 training step of the method with its speed paths on (`fold_low_rank`) and off, from the same init
+    and (seed 5 before the forward) the same dropout masks: [(logits, grads, probe per layer)] for on, then off.
+    `probe` names the layer method that says whether the fast path applies (fold_now / fuse_dropout_now)."""
     results = []
-    for fold in (True, False):
+    for fast in (True, False):
         model = tiny_bert()
         torch.manual_seed(0)
-        method = assemble.attach(model, SPEC, {**method_config(name), "dropout": 0.0, "fold_low_rank": fold}, BUDGET)
+        method = assemble.attach(model, SPEC, {**method_config(name), "dropout": dropout, "fold_low_rank": fast},
+                                 BUDGET)
         _perturb(method)
         model.train()
         x = torch.randn(2, 5, 32)
-        folded = [layer.fold_now(x) for layer in method.layers.values() if hasattr(layer, "fold_now")]
+        used = [getattr(layer, probe)(x) for layer in method.layers.values() if hasattr(layer, probe)]
+        torch.manual_seed(5)
         out = model(**tiny_batch())
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in method.named_trainable_parameters() if p.grad is not None}
-        results.append((out.logits.detach(), grads, folded))
-    (logits_f, grads_f, folded), (logits_u, grads_u, unfolded) = results
-    assert not any(unfolded)
+        results.append((out.logits.detach(), grads, used))
+    return model, results
+
+
+def _assert_same_step(results) -> None:
+    (logits_f, grads_f, _), (logits_u, grads_u, unused) = results
+    assert not any(unused)
     torch.testing.assert_close(logits_f, logits_u, rtol=1e-5, atol=1e-6)
     assert grads_f.keys() == grads_u.keys() and grads_f
     for key in grads_f:
         torch.testing.assert_close(grads_f[key], grads_u[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_folded_fp32_step_is_the_same_function(name):
+    """An fp32 training step folded into W0 + B diag(s·c) A: logits and every gradient equal the unfolded path."""
+    _, results = _step_both_ways(name, 0.0, "fold_now")
+    _assert_same_step(results)
 
 
 # methods whose layers take a fused path under adapter dropout (fp32): _DroppedLowRank, or DoRA's _DroppedDora
@@ -198,32 +212,14 @@ FUSED_DROPOUT = {"lora", "adalora", "dora", "dora_dynamic"}
 def test_fused_dropout_step_is_the_same_function(name):
     """An fp32 training step with adapter dropout 0.3 through the fused dropout path: the same seed draws the same
     masks in both paths, and logits and every gradient equal the plain form's (autograd over drop(x))."""
-    results = []
-    for fuse in (True, False):
-        model = tiny_bert()
-        torch.manual_seed(0)
-        method = assemble.attach(model, SPEC, {**method_config(name), "dropout": 0.3, "fold_low_rank": fuse}, BUDGET)
-        _perturb(method)
-        model.train()
-        x = torch.randn(2, 5, 32)
-        fused = [layer.fuse_dropout_now(x) for layer in method.layers.values() if hasattr(layer, "fuse_dropout_now")]
-        torch.manual_seed(5)
-        out = model(**tiny_batch())
-        out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in method.named_trainable_parameters() if p.grad is not None}
-        results.append((out.logits.detach(), grads, fused))
-    (logits_f, grads_f, fused), (logits_u, grads_u, unfused) = results
-    assert not any(unfused)
+    model, results = _step_both_ways(name, 0.3, "fuse_dropout_now")
     if name in FUSED_DROPOUT:
-        assert fused and all(fused)
-    torch.testing.assert_close(logits_f, logits_u, rtol=1e-5, atol=1e-6)
-    assert grads_f.keys() == grads_u.keys() and grads_f
-    for key in grads_f:
-        torch.testing.assert_close(grads_f[key], grads_u[key], rtol=1e-4, atol=1e-6, msg=key)
+        assert results[0][2] and all(results[0][2])
+    _assert_same_step(results)
     model.eval()
     torch.manual_seed(5)
-    with torch.no_grad():
-        assert not torch.allclose(model(**tiny_batch()).logits, logits_f, rtol=0, atol=1e-6)  # the dropout acted
+    with torch.no_grad():  # the dropout acted: without it the logits differ
+        assert not torch.allclose(model(**tiny_batch()).logits, results[0][0], rtol=0, atol=1e-6)
 
 
 def test_fold_is_used_where_it_applies_and_only_there():
