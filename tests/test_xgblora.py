@@ -454,6 +454,21 @@ def test_shipped_config_is_the_ablation_choice():
     assert (m.layers_per_booster, m.n_boosters, m.block_sampling, m.booster_rank) == (2, 2, "cyclic", 4)
 
 
+@pytest.mark.parametrize("rank", [1, 2, 4, 8, 16])
+def test_shipped_boosters_fit_every_budget(rank):
+    """The shipped rank-4 boosters at a budget below rank 4 (r2): capped to the budget's rank, so the stored size
+    stays LoRA-r's, and the ledger says it was capped."""
+    import yaml
+    from conftest import REPO
+
+    cfg = yaml.safe_load((REPO / "conf" / "method" / "xgblora.yaml").read_text())
+    m = assemble.attach(tiny_bert(layers=2), SPEC, cfg, Budget(f"r{rank}", rank))
+    notes = m.ledger().notes
+    assert m.booster_rank == min(cfg["booster_rank"], rank)
+    assert notes["projected_within_lora_budget"] and notes["projected_factored_at_end"] == notes["lora_factored_at_budget"]
+    assert notes.get("booster_rank_capped_from") == (cfg["booster_rank"] if rank < cfg["booster_rank"] else None)
+
+
 @pytest.mark.parametrize("booster_rank", [1, 2])
 def test_rank_b_boosters_preserve_function_and_reset(booster_rank):
     """Booster rank > 1: the §5.4 invariants still hold (function kept at each merge, fresh B, Σ merged deltas)."""

@@ -237,6 +237,10 @@ class XGBLoRA(AdapterMethod):
         self.booster_rank = int(config.get("booster_rank", 1))
         if self.booster_rank < 1:
             raise ConfigError(f"method.booster_rank must be >= 1, got {self.booster_rank}")
+        # A booster larger than the budget's rank would store more than LoRA-r with even one booster (the shipped
+        # rank 4 at budget r2): cap it, and say so in the ledger.
+        self.booster_rank_asked = self.booster_rank
+        self.booster_rank = min(self.booster_rank, int(budget.rank))
         self._n_boosters_cfg = self._optional_count(config, "n_boosters")
         self._steps_per_booster_cfg = self._optional_count(config, "steps_per_booster")
         self._layers_per_booster_cfg = self._optional_count(config, "layers_per_booster")
@@ -403,6 +407,8 @@ class XGBLoRA(AdapterMethod):
             "lora_factored_at_budget": lora_size,
             "projected_within_lora_budget": projected <= lora_size,
             "booster_rank": self.booster_rank,
+            **({"booster_rank_capped_from": self.booster_rank_asked}
+               if self.booster_rank_asked != self.booster_rank else {}),
             "steps_per_booster": (self._steps_per_booster_cfg if self._steps_per_booster_cfg is not None
                                   else (None if self.total_steps is None
                                         else round(self.total_steps / max(self.n_boosters, 1), 1))),
