@@ -1,6 +1,7 @@
 """The package's layering, read from the source with `ast` (function-level imports included, since a lazy import
-is still a dependency): no import cycles, the trainer never names a method, Hydra only at the edge, and the run
-directory's contract (rundir.py) needs only the standard library and lorabench's errors / distributed."""
+is still a dependency): no import cycles, every import points down the layers (LAYERS below), the trainer never
+names a method, Hydra only at the edge, the run directory's contract (rundir.py) needs only the standard library
+and lorabench's errors / distributed, and no function is over 80 lines."""
 
 from __future__ import annotations
 
@@ -124,3 +125,40 @@ def test_the_run_directory_contract_is_light():
     deps = {d for d in _imports("lorabench.rundir") if d.split(".")[0] != "lorabench" or d.startswith("lorabench.")}
     heavy = {d for d in deps if d.split(".")[0] not in allowed and d not in allowed}
     assert not heavy, f"rundir imports {heavy}"
+
+
+# The layers, bottom up (issue 17's dependency direction). A module may import its own layer or lower ones; a new
+# module must be placed here. training.hooks sits low: it is the interface the methods implement, not the loop.
+LAYERS = [
+    {"errors", "validate", "metrics", "paired", "tuning", "distributed", "interrupt"},
+    {"budget", "rundir", "training", "training.hooks"},
+    {"data", "methods", "methods.*"},
+    {"backbone", "training.trainer", "training.checkpoint"},
+    {"assemble", "tracking"},
+    {"plan", "export"},
+    {"run"},
+    {"cli", "report", "hydra_callback"},
+]
+
+
+def _layer(module: str) -> int:
+    short = module[len("lorabench."):]
+    for i, layer in enumerate(LAYERS):
+        if short in layer or any(p.endswith(".*") and short.startswith(p[:-1]) for p in layer):
+            return i
+    raise AssertionError(f"{module} is in no layer of tests/test_layering.py: place it there")
+
+
+def test_every_import_points_down_the_layers():
+    upward = [f"{m} (layer {_layer(m)}) imports {d} (layer {_layer(d)})"
+              for m, deps in _graph().items() if m != "lorabench" for d in deps if _layer(d) > _layer(m)]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_function_over_80_lines():
+    long = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long, "\n".join(long)
