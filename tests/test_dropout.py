@@ -98,6 +98,28 @@ def test_keep_mask_does_not_depend_on_threads_or_blocks(monkeypatch):
         torch.set_num_threads(threads)
 
 
+def test_mask_buffers_stay_bounded_over_many_mask_sizes():
+    """A long run meets many sequence lengths, so many mask sizes: past the kept count the smallest free buffers are
+    forgotten (by identity: numpy arrays of other sizes cannot be compared with ==), the held masks stay valid, and
+    a freed size is reused."""
+    from lorabench.methods import base
+
+    saved = list(base._mask_buffers)
+    base._mask_buffers.clear()
+    try:
+        held = [draw_keep_mask((1, 64 + 3 * k), 0.5, "cpu") for k in range(base._MASK_BUFFERS_KEPT // 2)]
+        copies = [m.clone() for m in held]
+        for k in range(3 * base._MASK_BUFFERS_KEPT):  # masks dropped at once: their buffers are free again
+            draw_keep_mask((1, 5000 + 7 * k), 0.5, "cpu")
+        assert len(base._mask_buffers) <= base._MASK_BUFFERS_KEPT + 1
+        assert all(torch.equal(m, c) for m, c in zip(held, copies))  # no held buffer was reused or dropped
+        n = len(base._mask_buffers)
+        draw_keep_mask((1, 5000), 0.5, "cpu")
+        assert len(base._mask_buffers) == n  # a free buffer of a fitting size is reused
+    finally:
+        base._mask_buffers[:] = saved
+
+
 def test_adapter_dropout_module():
     """x ⊙ keep/(1 − p) forward and backward, the mask saved as bool; identity in eval; p = 1 gives zeros."""
     drop = AdapterDropout(0.25)

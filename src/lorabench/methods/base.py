@@ -194,8 +194,10 @@ def _mask_buffer(nbytes: int) -> np.ndarray:
             _mask_buffers.append(best)
             if len(_mask_buffers) > _MASK_BUFFERS_KEPT:  # forget the smallest free ones (sizes change with the data)
                 free = sorted((b for b in _mask_buffers if sys.getrefcount(b) <= 3 and b is not best), key=len)
-                for b in free[:len(_mask_buffers) - _MASK_BUFFERS_KEPT]:
-                    _mask_buffers.remove(b)
+                forget = {id(b) for b in free[:len(_mask_buffers) - _MASK_BUFFERS_KEPT]}
+                del free
+                # by identity: list.remove would compare arrays with ==, element by element
+                _mask_buffers[:] = [b for b in _mask_buffers if id(b) not in forget]
         return best[:nbytes]
 
 
