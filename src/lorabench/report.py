@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import itertools
 import json
 import math
@@ -251,12 +252,18 @@ def _task_config(task: str, runs: Iterable[Job]) -> dict[str, Any]:
         cfg = ((j.results or {}).get("config") or {}).get("task")
         if isinstance(cfg, dict) and "table_metrics" in cfg:
             return cfg
-    path = CONF_DIR / "task" / f"{task}.yaml"
-    if path.exists():
-        import yaml  # PyYAML comes with omegaconf
+    return _checkout_task_config(task)
 
-        return yaml.safe_load(path.read_text()) or {}
-    return {}
+
+@functools.lru_cache(maxsize=None)
+def _checkout_task_config(task: str) -> dict[str, Any]:
+    """conf/task/<task>.yaml of this checkout, read once per process (tables ask for a task's facts per cell)."""
+    path = CONF_DIR / "task" / f"{task}.yaml"
+    if not path.exists():
+        return {}
+    import yaml  # PyYAML comes with omegaconf
+
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def task_title(task: str, runs: Iterable[Job]) -> str:
