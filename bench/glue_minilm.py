@@ -10,11 +10,19 @@ later, on a CPU or on a GPU (`--extra trainer.device=cuda`):
             exactly as the README's final sweep does; the final seeds never took part in the choice
   4. report `python -m report final/jobs --out bench/results/glue_minilm` (paired Δ vs LoRA, Pareto plot)
 
-The protocol, the same for every method: the default model (minilm), budget r8 with budget.match=params (AdaLoRA
-and DoRA-dynamic at LoRA r8's stored size), 3 epochs, batch 32, sequence 128, full dev sets; SST-2 trains on a
-fixed 8000-example subset of its 67k (the same subset for every method and seed).
+Two protocols, each the same for every method: the default model (minilm), budget r8 with budget.match=params
+(AdaLoRA and DoRA-dynamic at LoRA r8's stored size), 3 epochs, batch 32, sequence 128, full dev sets.
+  full  the issue's: SST-2 trains on a fixed 8000-example subset of its 67k, the other tasks on all of their
+        training sets; lr grid 2e-4 … 2e-3 on tuning seeds 101, 102 and every task; one lr per method × task.
+        ~330 jobs: ~40 min of an H200 at 14 jobs at once, ~49 h of a 2-core CPU.
+  cpu   cut to fit ~12 h of a 2-core CPU: every task trains on a fixed 2000-example subset (RTE 2000 of 2490);
+        the lr grid 5e-4 … 4e-3 runs on tuning seed 101 and the three short-sequence tasks (SST-2, CoLA, STS-B),
+        and one lr per method is chosen over them (lorabench/tuning.py: with every task at the same size, the
+        data-size reason for a per-task lr is gone, and a mean over three tasks is a less noisy choice than one
+        seed of one task) and used on all five tasks. 72 tuning + 90 final jobs.
+The protocol is recorded in <results>/protocol.json; a results folder refuses another protocol.
 
-  python bench/glue_minilm.py                        # all of it, 2 jobs at a time (2 cores)
+  python bench/glue_minilm.py --protocol cpu         # all of it, 2 jobs at a time (2 cores)
   python bench/glue_minilm.py --phase tune --jobs 14 --extra trainer.device=cuda --deadline-s 400
   python bench/glue_minilm.py --list                 # the jobs and what is done
 """
@@ -30,36 +38,59 @@ import jobqueue
 from jobqueue import REPO, Job
 
 METHODS = ["lora", "dora", "adalora", "dora_dynamic", "xgblora", "dynamic_lora"]
-# largest first, so that the long jobs do not start last and leave the queue's tail to one process
-TASKS = {"sst2": ["trainer.max_train_samples=8000"], "cola": [], "stsb": [], "mrpc": [], "rte": []}
 COMMON = ["trainer.epochs=3", "logger=none", "trainer.progress_bar=false", "budget=r8", "budget.match=params"]
-LRS = "2e-4,5e-4,1e-3,2e-3"
-TUNE_SEEDS = "101,102"
 FINAL_SEEDS = "1,2,3"
+PROTOCOLS = {
+    # tasks: per-task overrides, largest first, so that the long jobs do not start last and leave the queue's
+    # tail to one process
+    "full": {"tasks": {"sst2": ["trainer.max_train_samples=8000"], "cola": [], "stsb": [], "mrpc": [], "rte": []},
+             "tune_tasks": ["sst2", "cola", "stsb", "mrpc", "rte"], "lrs": "2e-4,5e-4,1e-3,2e-3",
+             "tune_seeds": "101,102", "select_by": "task"},
+    "cpu": {"tasks": {t: ["trainer.max_train_samples=2000"] for t in ("rte", "mrpc", "stsb", "sst2", "cola")},
+            "tune_tasks": ["sst2", "cola", "stsb"], "lrs": "5e-4,1e-3,2e-3,4e-3", "tune_seeds": "101",
+            "select_by": "method"},
+}
 
 
-def tune_jobs(root: Path, lrs: list[str], seeds: list[str], extra: list[str]) -> list[Job]:
+def tune_jobs(root: Path, proto: dict, lrs: list[str], seeds: list[str], extra: list[str]) -> list[Job]:
     return [Job(f"tune {m} {t} lr={lr} s{s}", root / "tune" / "jobs" / m / f"{t}_lr{lr}_s{s}",
-                (f"method={m}", f"task={t}", f"seed={s}", f"trainer.lr={lr}", *COMMON, *opts, *extra))
-            for s in seeds for lr in lrs for t, opts in TASKS.items() for m in METHODS]
+                (f"method={m}", f"task={t}", f"seed={s}", f"trainer.lr={lr}", *COMMON, *proto["tasks"][t], *extra))
+            for s in seeds for lr in lrs for t in proto["tune_tasks"] for m in METHODS]
 
 
-def final_jobs(root: Path, seeds: list[str], extra: list[str]) -> list[Job]:
+def final_jobs(root: Path, proto: dict, seeds: list[str], extra: list[str]) -> list[Job]:
     selected = root / "tune" / "selected"
     rel = selected.resolve().relative_to(REPO) if selected.resolve().is_relative_to(REPO) else selected.resolve()
     return [Job(f"final {m} {t} s{s}", root / "final" / "jobs" / m / f"{t}_s{s}",
                 (f"method={m}", f"task={t}", f"seed={s}", *COMMON, *opts, *extra,
                  f"hydra.searchpath=[file://{rel}]"))
-            for s in seeds for t, opts in TASKS.items() for m in METHODS]
+            for s in seeds for t, opts in proto["tasks"].items() for m in METHODS]
 
 
-def select(root: Path) -> bool:
+def pin_protocol(root: Path, name: str, record: dict) -> None:
+    """The first run writes <root>/protocol.json; a later one must ask for the same protocol (a folder that mixes
+    two would report jobs that do not compare)."""
+    path = root / "protocol.json"
+    if path.exists():
+        held = json.loads(path.read_text())
+        if held != record:
+            raise SystemExit(f"{root} holds protocol {held.get('name')!r} with other settings ({path}); "
+                             f"use another --results folder for protocol {name!r}")
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def select(root: Path, proto: dict) -> bool:
     """Writes tune/selected/ from the tuning jobs; False unless every method × task has a selection."""
-    code = jobqueue.report(root / "tune" / "jobs", root / "tune", "--select-lr", str(root / "tune" / "selected"))
+    by = ["--select-lr-by", "method", "--select-for", ",".join(proto["tasks"])] \
+        if proto["select_by"] == "method" else []
+    code = jobqueue.report(root / "tune" / "jobs", root / "tune", "--select-lr", str(root / "tune" / "selected"),
+                           *by)
     chosen = root / "tune" / "selected" / "selected_lr.json"
     if code not in (0, 1) or not chosen.exists():
         return False
-    missing = [f"{t}_{m}" for m in METHODS for t in TASKS
+    missing = [f"{t}_{m}" for m in METHODS for t in proto["tasks"]
                if not (root / "tune" / "selected" / "task_method" / f"{t}_{m}.yaml").exists()]
     if missing:
         print(f"no selection for {', '.join(missing)}", file=sys.stderr)
@@ -68,9 +99,11 @@ def select(root: Path) -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu",
+                    help="full: the issue's (a GPU's hours); cpu: cut to ~12 h of 2 cores (see the module text)")
     ap.add_argument("--phase", choices=["tune", "final", "all", "report"], default="all")
-    ap.add_argument("--lrs", default=LRS, help=f"the tuning grid (default {LRS})")
-    ap.add_argument("--tune-seeds", default=TUNE_SEEDS)
+    ap.add_argument("--lrs", default=None, help="the tuning grid (default: the protocol's)")
+    ap.add_argument("--tune-seeds", default=None, help="default: the protocol's")
     ap.add_argument("--seeds", default=FINAL_SEEDS, help="the final seeds")
     ap.add_argument("--jobs", type=int, default=2, help="jobs at once, one torch thread each")
     ap.add_argument("--extra", default="", help="space-separated overrides for every job that leave the protocol "
@@ -79,10 +112,15 @@ def main() -> int:
     ap.add_argument("--results", default=str(REPO / "bench" / "results" / "glue_minilm"))
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
+    proto = PROTOCOLS[args.protocol]
+    lrs, tune_seeds = (args.lrs or proto["lrs"]).split(","), (args.tune_seeds or proto["tune_seeds"]).split(",")
     root, extra = Path(args.results), args.extra.split()
-    tune = tune_jobs(root, args.lrs.split(","), args.tune_seeds.split(","), extra)
+    pin_protocol(root, args.protocol, {"name": args.protocol, **proto, "lrs": lrs, "tune_seeds": tune_seeds,
+                                       "final_seeds": args.seeds.split(","), "common": COMMON})
+    tune = tune_jobs(root, proto, lrs, tune_seeds, extra)
+    final = final_jobs(root, proto, args.seeds.split(","), extra)
     if args.list:
-        for j in tune + (final_jobs(root, args.seeds.split(","), extra)):
+        for j in tune + final:
             print(f"{'ok  ' if jobqueue.finished_ok(j.run_dir) else '    '}{j.name}")
         return 0
     failed = 0
@@ -92,10 +130,10 @@ def main() -> int:
             print("tuning is not complete: run again to finish it", file=sys.stderr)
             return 1
     if args.phase in ("final", "all"):
-        if not select(root):
+        if not select(root, proto):
             print("no complete learning-rate selection: finish the tuning phase first", file=sys.stderr)
             return 1
-        _, f = jobqueue.run_queue(final_jobs(root, args.seeds.split(","), extra), args.jobs, args.deadline_s)
+        _, f = jobqueue.run_queue(final, args.jobs, args.deadline_s)
         failed += f
     if args.phase in ("final", "all", "report") and (root / "final" / "jobs").exists():
         jobqueue.report(root / "final" / "jobs", root)
