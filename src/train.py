@@ -13,7 +13,7 @@ from lorabench import rundir
 OmegaConf.register_new_resolver(rundir.RESOLVER, rundir.unique_dir, use_cache=True, replace=True)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="lorabench/conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Returns the job's primary dev metric at its best evaluation (NaN when it did not finish): what an optimizing
     sweeper (`hydra/sweeper=optuna`) maximizes."""

@@ -72,13 +72,13 @@ def test_values_in_another_form_are_accepted():
     interpolations give) are converted, not refused."""
     from lorabench.budget import Budget
     from lorabench.training.trainer import TrainerConfig
-    from lorabench.validate import check_method_options
+    from lorabench.methods import check_options
 
     c = TrainerConfig(epochs=2.0, lr="1e-3", progress_bar="false", max_steps="10")
     assert (c.epochs, c.lr, c.progress_bar, c.max_steps) == (2, 1e-3, False, 10)
     assert Budget("r4", 4.0).rank == 4
     method = {"name": "lora", "alpha": "8", "use_rslora": "true", "dropout": 0}
-    check_method_options(method)
+    check_options(method)
     assert method == {"name": "lora", "alpha": 8.0, "use_rslora": True, "dropout": 0}
 
 

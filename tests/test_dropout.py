@@ -196,9 +196,7 @@ def test_shared_dropout_mask_is_opt_in():
 def test_shared_dropout_mask_is_a_known_switch():
     """`+method.shared_dropout_mask=true` passes the method-option check (a shared switch, like fold_low_rank);
     a misspelling does not."""
-    from lorabench.validate import check_method_options
-
     for name in methods.names():
-        check_method_options({"name": name, "shared_dropout_mask": True})
+        methods.check_options({"name": name, "shared_dropout_mask": True})
     with pytest.raises(ConfigError, match="shared_dropout_mask"):
-        check_method_options({"name": "lora", "shared_dropout_masks": True})
+        methods.check_options({"name": "lora", "shared_dropout_masks": True})

@@ -42,8 +42,29 @@ def _perturb(method, seed=1):
 
 
 @pytest.mark.parametrize("name", methods.names())
-def test_yaml_names_the_method(name):
-    assert method_config(name)["name"] == name
+def test_yaml_names_the_method_and_documents_its_options(name):
+    """The options dataclass decides the defaults; the YAML must list every option (the switches aside) with the
+    same default, so a run composed from conf/ and a method built in code behave alike."""
+    doc = method_config(name)
+    assert doc.pop("name") == name
+    cls = methods.get(name)
+    defaults = {k: v for k, v in cls.Options().to_dict().items() if k not in methods.MethodOptions.SWITCHES}
+    assert set(doc) == set(defaults), f"conf/method/{name}.yaml lists {sorted(doc)}, the options {sorted(defaults)}"
+    for key, value in defaults.items():
+        assert doc[key] == value and type(doc[key]) in (type(value), int), f"{name}.{key}: YAML {doc[key]!r}, code {value!r}"
+    assert cls.Options.from_dict(name, method_config(name)) == cls.Options()
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_options_refuse_unknown_keys_wrong_types_and_bad_ranges(name):
+    with pytest.raises(ConfigError, match="has no option 'alphaa'.*did you mean alpha"):
+        methods.check_options({"name": name, "alphaa": 8})
+    with pytest.raises(ConfigError, match="method.alpha='x' is not valid: expected a number"):
+        methods.check_options({"name": name, "alpha": "x"})
+    with pytest.raises(ConfigError, match="dropout must be in"):
+        methods.check_options({"name": name, "dropout": 1.5})
+    given = {"name": name, "alpha": "8", "dropout": 0}  # another form of valid values: converted in place
+    assert methods.check_options(given).alpha == 8.0 and given == {"name": name, "alpha": 8.0, "dropout": 0}
 
 
 @pytest.mark.parametrize("name", methods.names())

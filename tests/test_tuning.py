@@ -48,6 +48,46 @@ def test_selection_is_the_best_mean_per_method_and_task_ties_to_the_smaller_lr(t
     assert {"lora (lr=0.001)", "lora (lr=0.01)", "dora (lr=0.001)", "dora (lr=0.01)"} <= labels
 
 
+def test_selection_by_method_pools_tasks_with_equal_weight_and_writes_every_requested_task(tmp_path, capsys):
+    root = tmp_path / "tune"
+    # per-task means (one seed each): lora rte .60/.70, mrpc .80/.74 → pooled .70 vs .72 → 1e-2, although mrpc
+    # alone prefers 1e-3; dora's two lrs pool to a tie (.65 each) → the smaller
+    scores = {("lora", "rte"): {1e-3: .60, 1e-2: .70}, ("lora", "mrpc"): {1e-3: .80, 1e-2: .74},
+              ("dora", "rte"): {1e-3: .60, 1e-2: .50}, ("dora", "mrpc"): {1e-3: .70, 1e-2: .80}}
+    for (method, task), by_lr in scores.items():
+        for lr, v in by_lr.items():
+            _lr_run(root, f"{method}_{task}_{lr:g}", lr, task=task, method=method, seed=101, best={"accuracy": v})
+    paths = report.select_learning_rates(root, by="method", for_tasks=["rte", "mrpc", "sst2"])
+    chosen = json.loads((root / "selected" / "selected_lr.json").read_text())
+    assert {c["method"]: c["selected"] for c in chosen} == {"lora": 1e-2, "dora": 1e-3}
+    lora = next(c for c in chosen if c["method"] == "lora")
+    assert lora["means"] == pytest.approx({"0.001": .70, "0.01": .72})
+    assert lora["per_task"]["mrpc"] == pytest.approx({"0.001": .80, "0.01": .74}) and lora["used_for"] == [
+        "rte", "mrpc", "sst2"]
+    for task in ("rte", "mrpc", "sst2"):  # sst2 was not tuned: the method's one lr is written for it too
+        assert "lr: 0.01" in (root / "selected" / "task_method" / f"{task}_lora.yaml").read_text()
+        assert "lr: 0.001" in (root / "selected" / "task_method" / f"{task}_dora.yaml").read_text()
+    assert len([p for p in paths if p.suffix == ".yaml"]) == 6
+    assert "per method, the lr with the highest unweighted mean" in (root / "selected" / "selected_lr.md").read_text()
+    # the CLI: a typo'd task, and --select-for without a per-method selection, are one clear error each
+    assert report.main([str(root), "--select-lr", "--select-lr-by", "method", "--select-for", "rtee",
+                        "--no-plots"]) == 2
+    assert "unknown task(s) rtee" in capsys.readouterr().err
+    assert report.main([str(root), "--select-lr", "--select-for", "rte", "--no-plots"]) == 2
+    assert "--select-lr-by method" in capsys.readouterr().err
+
+
+def test_selection_by_method_needs_one_grid_for_every_task(tmp_path):
+    root = tmp_path / "tune"
+    for task, lrs in (("rte", (1e-3, 1e-2)), ("mrpc", (1e-3,))):
+        for lr in lrs:
+            _lr_run(root, f"{task}_{lr:g}", lr, task=task, seed=101, best={"accuracy": .6})
+    with pytest.raises(ConfigError, match="different lr grids"):
+        report.select_learning_rates(root, by="method")
+    assert {c.selected for c in tuning.collect([report.read_job(d, root) for d in report.find_job_dirs(root)])} \
+        == {1e-3}  # per task, each task's own grid is fine
+
+
 def test_a_sweep_that_mixes_budgets_is_refused(tmp_path, capsys):
     root = tmp_path / "tune"
     _lr_run(root, "a", 1e-3, task="rte", budget="r8", best={"accuracy": .6})

@@ -25,7 +25,8 @@ ALPHA = 2.0  # rank 1 ⇒ s = α / 1
 
 
 def _cfg(**over):
-    return {"name": "xgblora", "alpha": ALPHA, "steps_per_booster": 100, "layers_per_booster": None,
+    """The paper's rank-1 boosters (§5.3) unless a test says otherwise; the shipped default is rank 4."""
+    return {"name": "xgblora", "alpha": ALPHA, "booster_rank": 1, "steps_per_booster": 100, "layers_per_booster": None,
             "shrinkage": 1.0, "booster_l2": 0.0, "dropout": 0.0, "sample_seed": 0, "block_sampling": "cyclic",
             **over}
 

@@ -196,9 +196,8 @@ def export_adapter(adapter_dir: Path, method, model: nn.Module, head_param_names
         (adapter_dir / stale).unlink(missing_ok=True)
     exp = method.to_peft()
     if exp is not None and exp.tensors:
-        dropout = method.config.get("dropout", 0.0)
         write_peft_adapter(adapter_dir, exp, model, head_param_names, model_spec,
-                           float(dropout) if isinstance(dropout, (int, float)) else 0.0)
+                           float(getattr(method.options, "dropout", 0.0)))
         return {"peft": PEFT_CONFIG_FILE, "peft_weights": PEFT_WEIGHTS_FILE}
     if exp is not None:
         log.warning("export: %s kept no adapter component; no PEFT adapter written", method.name)

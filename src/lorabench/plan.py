@@ -46,7 +46,6 @@ from . import methods
 from .backbone import ModelSpec, load_tokenizer
 from .budget import Budget
 from .data import BatchLoader, Collator, DataLimits, TaskSpec, load_task_data, resolve_glue_dir
-from .validate import check_method_options
 
 log = logging.getLogger("lorabench")
 
@@ -256,7 +255,7 @@ def plan_job(cfg: dict[str, Any], name: str) -> JobPlan:
     tcfg_dict = dict(cfg["trainer"])
     tcfg = trainer_config(tcfg_dict)
     limits = DataLimits.from_dict(tcfg_dict)
-    check_method_options(cfg["method"])
+    methods.check_options(cfg["method"])
     data_cfg = cfg.get("data") or {}
     glue_dir = resolve_glue_dir(data_cfg.get("glue_dir"))
     cache_dir = Path(data_cfg["cache_dir"]).expanduser() if data_cfg.get("cache_dir") else None

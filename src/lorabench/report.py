@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from . import paired, tuning
+from .errors import ConfigError
 from .rundir import ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, RESULTS_FILE, flatten
 from .validate import CONF_DIR
 
@@ -879,13 +880,26 @@ def build_report(root: str | Path, out_dir: str | Path | None = None, plots: boo
     return report
 
 
-def select_learning_rates(root: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Read the tuning sweep under `root` and write its learning-rate selection (default `<root>/selected`; the
-    rule and the files: lorabench/tuning.py). Returns the files written."""
+def select_learning_rates(root: str | Path, out_dir: str | Path | None = None, by: str = "task",
+                          for_tasks: Sequence[str] | None = None) -> list[Path]:
+    """Read the tuning sweep under `root` and write its learning-rate selection (default `<root>/selected`; `by`
+    "task" or "method", `for_tasks` only with "method"; the rules and the files: lorabench/tuning.py). Returns the
+    files written."""
+    if by not in ("task", "method"):
+        raise ConfigError(f"unknown selection {by!r}: choose task (one lr per method × task) or method (one lr per "
+                          f"method over the tuned tasks)")
+    if for_tasks and by != "method":
+        raise ConfigError("--select-for applies to --select-lr-by method (a per-task choice is for its own task)")
+    known = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
+    unknown = [t for t in for_tasks or [] if t not in known]
+    if unknown:
+        raise ConfigError(f"--select-for names unknown task(s) {', '.join(unknown)}; tasks: {', '.join(known)}")
     root = Path(root)
     jobs = [read_job(d, root) for d in find_job_dirs(root)]
-    return tuning.write_selection(tuning.collect(jobs), Path(out_dir) if out_dir is not None else root / "selected",
-                                  str(root))
+    choices = tuning.collect(jobs)
+    if by == "method":
+        choices = tuning.pool_by_method(choices, list(for_tasks) if for_tasks else None)
+    return tuning.write_selection(choices, Path(out_dir) if out_dir is not None else root / "selected", str(root))
 
 
 def _first_error_line(j: Job) -> str:
@@ -1028,6 +1042,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--select-lr", nargs="?", const="", default=None, metavar="DIR",
                         help="a tuning sweep: write the selected learning rate per method × task as configs for "
                              "the final sweep (default DIR: <root>/selected)")
+    parser.add_argument("--select-lr-by", choices=["task", "method"], default="task",
+                        help="with --select-lr: one lr per method × task (default), or one per method over the "
+                             "tuned tasks (lorabench/tuning.py says when each fits)")
+    parser.add_argument("--select-for", default=None, metavar="TASKS",
+                        help="with --select-lr-by method: the comma-separated tasks to write the method's lr for "
+                             "(default: the tuned tasks)")
     parser.add_argument("--reference", default="lora",
                         help="the method every row is compared with, paired by seed (default: lora)")
     args = parser.parse_args(argv)
@@ -1047,10 +1067,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line, file=sys.stderr)
     print(f"report: {report.out_dir / 'report.md'} ({report.counts()})")
     if args.select_lr is not None:
-        from .errors import ConfigError
-
         try:
-            paths = select_learning_rates(root, Path(args.select_lr) if args.select_lr else None)
+            paths = select_learning_rates(root, Path(args.select_lr) if args.select_lr else None, args.select_lr_by,
+                                          args.select_for.split(",") if args.select_for else None)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -39,7 +39,7 @@ from .data import BatchLoader, Collator, DataLimits, TaskSpec, load_task_data, r
 from .errors import ConfigError, RunInterrupted, TrainingError
 from .rundir import write_json_atomic
 from .tracking import Tracker, build_tracker
-from .validate import check_method_options, did_you_mean
+from .validate import did_you_mean
 from .training import checkpoint as ckpt
 from .training.trainer import Trainer, TrainingStopped, peak_memory_mb, resolve_device
 
@@ -321,7 +321,7 @@ def _prepare(cfg: dict[str, Any], processes: distributed.Processes) -> _Plan:
     tcfg = trainer_config(tcfg_dict)
     if processes.distributed:
         tcfg = replace(tcfg, device=processes.device_name(tcfg.device))  # this process's GPU
-    check_method_options(cfg["method"])
+    methods.check_options(cfg["method"])
     data_cfg = cfg.get("data") or {}
     return _Plan(seed=int(cfg["seed"]), method_cls=method_cls, spec=TaskSpec.from_dict(cfg["task"]),
                  model_spec=ModelSpec.from_dict(cfg["model"]), budget=Budget.from_dict(cfg["budget"]), tcfg=tcfg,

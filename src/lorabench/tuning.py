@@ -4,10 +4,16 @@ The protocol (README "Tuned learning rates"): a sweep over `trainer.lr` on tunin
 uses seeds 101, 102, never the final seeds), then one selected lr per method × task, then the final sweep on
 other seeds with the selection composed in, so the final scores never took part in choosing.
 
-Selection rule: for each method × task, the lr with the highest mean over tuning seeds of the best-epoch primary
-dev metric (ties: the smaller lr). Per task rather than one lr per method over all tasks, because that is what the
-papers do (LoRA Table 9, AdaLoRA's scripts and DoRA-dynamic's Table 8 give per-task learning rates) and because
-the best lr moves with the data set size (small RTE vs large SST-2) more than between methods.
+Selection rule (the default, `--select-lr-by task`): for each method × task, the lr with the highest mean over
+tuning seeds of the best-epoch primary dev metric (ties: the smaller lr). Per task rather than one lr per method
+over all tasks, because that is what the papers do (LoRA Table 9, AdaLoRA's scripts and DoRA-dynamic's Table 8 give
+per-task learning rates) and because the best lr moves with the data set size (small RTE vs large SST-2) more than
+between methods.
+
+`--select-lr-by method`: one lr per method, the one with the highest unweighted mean over the tuned tasks of the
+per-task means above (the GLUE-average way of pooling tasks), written for every task of `--select-for` (default:
+the tuned tasks). For a protocol whose tasks train on equal-size subsets, where the data-size reason for a per-task
+lr is gone and one tuning seed per task would make a per-task choice noisy (bench/glue_minilm.py's cpu protocol).
 
 Output, under the selection directory:
   task_method/<task>_<method>.yaml   `trainer.lr: <selected>` (package _global_); conf/config.yaml's defaults
@@ -34,6 +40,13 @@ class LrChoice:
     task: str
     metric: str
     scores: dict[float, list[float]] = field(default_factory=dict)  # lr → best primary metric per seed
+    # pooled choices (select by method): the tasks whose per-task means `scores` holds, and the tasks it is for
+    pooled_tasks: list[str] = field(default_factory=list)
+    applies_to: list[str] = field(default_factory=list)
+
+    @property
+    def targets(self) -> list[str]:
+        return self.applies_to or [self.task]
 
     @property
     def means(self) -> dict[float, float]:
@@ -42,8 +55,8 @@ class LrChoice:
     @property
     def selected(self) -> float:
         means = self.means
-        top = max(means.values())
-        return min(lr for lr, m in means.items() if m == top)
+        top = max(means.values())  # a tie within rounding (a mean of the same numbers in another order) is a tie
+        return min(lr for lr, m in means.items() if math.isclose(m, top, rel_tol=1e-9, abs_tol=1e-12))
 
 
 def collect(jobs: list[Any]) -> list[LrChoice]:
@@ -75,34 +88,70 @@ def collect(jobs: list[Any]) -> list[LrChoice]:
     return sorted(choices.values(), key=lambda c: (c.method, c.task))
 
 
+def pool_by_method(choices: list[LrChoice], for_tasks: list[str] | None = None) -> list[LrChoice]:
+    """One choice per method from its per-task choices: each lr scored by the unweighted mean over the tasks of
+    the task's mean over seeds. Every task of a method must have been tuned on the same grid."""
+    by_method: dict[str, list[LrChoice]] = {}
+    for c in choices:
+        by_method.setdefault(c.method, []).append(c)
+    pooled = []
+    for method, parts in sorted(by_method.items()):
+        grids = {tuple(sorted(c.scores)) for c in parts}
+        if len(grids) > 1:
+            detail = "; ".join(f"{c.task}: {', '.join(f'{lr:g}' for lr in sorted(c.scores))}" for c in parts)
+            raise ConfigError(f"{method}'s tasks were tuned on different lr grids ({detail}); one lr per method "
+                              f"needs the same grid on every task (or select per task)")
+        tasks = [c.task for c in parts]
+        pooled.append(LrChoice(method, "+".join(tasks), "mean over tasks of " + "/".join(c.metric for c in parts),
+                               {lr: [c.means[lr] for c in parts] for lr in sorted(parts[0].scores)},
+                               pooled_tasks=tasks, applies_to=list(for_tasks) if for_tasks else tasks))
+    return pooled
+
+
+def _rule(pooled: bool) -> str:
+    if pooled:
+        return ("per method, the lr with the highest unweighted mean over the tuned tasks of each task's mean "
+                "best-epoch primary dev metric over the tuning seeds (ties: the smaller lr)")
+    return ("per method × task, the lr with the highest mean best-epoch primary dev metric over the tuning seeds "
+            "(ties: the smaller lr)")
+
+
 def write_selection(choices: list[LrChoice], out_dir: Path, source: str) -> list[Path]:
     """The task_method/ configs and the summary; returns the files written."""
     if not choices:
         raise ConfigError("no finished tuning job with a trainer.lr and a primary metric: nothing to select")
     group = out_dir / "task_method"
     group.mkdir(parents=True, exist_ok=True)
+    pooled = any(c.pooled_tasks for c in choices)
     written = []
     for c in choices:
-        path = group / f"{c.task}_{c.method}.yaml"
         grid = ", ".join(f"{lr:g}: {100 * m:.2f}" for lr, m in c.means.items())
-        path.write_text("# @package _global_\n"
-                        f"# selected by `python -m report {source} --select-lr`: best mean {c.metric} (best epoch) "
-                        f"over the tuning seeds\n# grid (lr: mean ×100): {grid}\n"
-                        f"trainer:\n  lr: {c.selected!r}\n")
-        written.append(path)
-    rows = ["| method | task | metric | " + " | ".join(["lr: mean ×100 (seeds)"]) + " | selected |",
-            "|---|---|---|---|---|"]
+        for task in c.targets:
+            path = group / f"{task}_{c.method}.yaml"
+            path.write_text("# @package _global_\n"
+                            f"# selected by `python -m report {source} --select-lr`: {_rule(pooled)}\n"
+                            f"# tuned on: {c.task}; grid (lr: mean ×100): {grid}\n"
+                            f"trainer:\n  lr: {c.selected!r}\n")
+            written.append(path)
+    count = "tasks" if pooled else "seeds"
+    rows = [f"| method | tuned on | metric | lr: mean ×100 ({count}) | selected | used for |", "|---|---|---|---|---|---|"]
     for c in choices:
         grid = "; ".join(f"{lr:g}: {100 * m:.2f} ({len(c.scores[lr])})" for lr, m in c.means.items())
-        rows.append(f"| {c.method} | {c.task} | {c.metric} | {grid} | **{c.selected:g}** |")
-    md = (f"# Selected learning rates\n\nFrom `{source}`: per method × task, the lr with the highest mean "
-          "best-epoch primary dev metric over the tuning seeds (ties: the smaller lr).\n\n" + "\n".join(rows) +
+        rows.append(f"| {c.method} | {c.task} | {c.metric} | {grid} | **{c.selected:g}** | {', '.join(c.targets)} |")
+    if pooled:
+        rows += ["", "Per task (mean ×100 over the tuning seeds):", ""]
+        rows += [f"- {c.method}: " + "; ".join(
+            f"{t} " + ", ".join(f"{lr:g}: {100 * c.scores[lr][i]:.2f}" for lr in sorted(c.scores))
+            for i, t in enumerate(c.pooled_tasks)) for c in choices]
+    md = (f"# Selected learning rates\n\nFrom `{source}`: {_rule(pooled)}.\n\n" + "\n".join(rows) +
           f"\n\nUse: `python -m train -m ... hydra.searchpath=[file://{out_dir.resolve()}]`\n")
     (out_dir / "selected_lr.md").write_text(md)
     (out_dir / "selected_lr.json").write_text(json.dumps(
-        [{"method": c.method, "task": c.task, "metric": c.metric, "selected": c.selected,
-          "means": {f"{lr:g}": m for lr, m in c.means.items()}, "n_seeds": {f"{lr:g}": len(v) for lr, v in
-                                                                            sorted(c.scores.items())}}
+        [{"method": c.method, "task": c.task, "metric": c.metric, "selected": c.selected, "used_for": c.targets,
+          "means": {f"{lr:g}": m for lr, m in c.means.items()},
+          f"n_{count}": {f"{lr:g}": len(v) for lr, v in sorted(c.scores.items())},
+          **({"per_task": {t: {f"{lr:g}": c.scores[lr][i] for lr in sorted(c.scores)}
+                           for i, t in enumerate(c.pooled_tasks)}} if c.pooled_tasks else {})}
          for c in choices], indent=2))
     return written + [out_dir / "selected_lr.md", out_dir / "selected_lr.json"]
 

@@ -3,8 +3,6 @@ is allowed (the entry prints it as one `error:` line, exit 2).
 
 - `check_field_types(obj, group)`: every field of a config dataclass against its annotation (`trainer.lr=abc`
   is a string where a number belongs), so the dataclasses' own range checks compare numbers with numbers;
-- `check_method_options(cfg)`: the method group against its YAML (conf/method/<name>.yaml documents every key
-  with its default, so the YAML is the schema): unknown keys with a "did you mean", and types;
 - `did_you_mean(word, choices)`: the near-miss hint used for names (methods, tasks, keys).
 """
 
@@ -19,10 +17,8 @@ from typing import Any, Iterable
 
 from .errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-# Method keys the code reads that a method YAML does not list (switches for comparison runs, added with `+`).
-METHOD_SWITCHES = {"fold_low_rank": True, "stack_shared_inputs": True, "shared_dropout_mask": False}
+# The configs ship inside the package (conf/ at the checkout root is a link to it), so an installed copy finds them
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -109,37 +105,3 @@ def check_field_types(obj: Any, group: str) -> None:
                 object.__setattr__(obj, f.name, converted)  # frozen dataclasses too: this is their __post_init__
                 continue
         check_value(f"{group}.{f.name}", value, expected)
-
-
-def method_schema(name: str) -> dict[str, Any]:
-    """The defaults of conf/method/<name>.yaml (every key a method reads) plus the shared switches."""
-    import yaml
-
-    path = CONF_DIR / "method" / f"{name}.yaml"
-    if not path.exists():
-        return {}
-    return {**METHOD_SWITCHES, **(yaml.safe_load(path.read_text()) or {})}
-
-
-def check_method_options(cfg: dict[str, Any]) -> None:
-    """Unknown keys and wrong types in the `method` group, judged against the method's YAML defaults; values
-    that only differ in form (a numeric string, "false") are converted in `cfg`."""
-    name = cfg.get("name")
-    schema = method_schema(str(name))
-    if not schema:
-        return  # no YAML to judge by (a method registered outside conf/): the method checks its own config
-    for key, value in cfg.items():
-        if key not in schema:
-            raise ConfigError(f"method {name} has no option {key!r}{did_you_mean(key, schema)}; its options: "
-                              f"{', '.join(k for k in schema if k != 'name')}")
-        default = schema[key]
-        if default is None:
-            continue  # an optional value (null by default): the method checks its own type
-        # a number where the YAML has a number (YAML writes alpha 16 for 16.0; ranges are the method's to check)
-        expected = float if isinstance(default, (int, float)) and not isinstance(default, bool) else type(default)
-        if not _accepts(expected, value):
-            ok, converted = _coerced(expected, value)
-            if ok:
-                cfg[key] = converted
-                continue
-        check_value(f"method.{key}", value, expected)

@@ -1,7 +1,8 @@
 """The method registry: a method exists only through `@register("name")`.
 
 The key is the YAML file name under conf/method/ and `cfg.method.name`. Every module of this package is
-imported on `import lorabench.methods`, so a new method is one file with one `@register` line.
+imported on `import lorabench.methods`, so a new method is one file with one `@register` line; its options are
+a `MethodOptions` dataclass in that file (its defaults are the method's; the YAML documents them).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any, Callable
 
 from ..budget import Budget
 from ..errors import ConfigError
-from .base import AdapterMethod, LowRankLinear, TargetInfo
+from .base import AdapterMethod, LowRankLinear, MethodOptions, TargetInfo
 
 _REGISTRY: dict[str, type[AdapterMethod]] = {}
 
@@ -39,6 +40,18 @@ def get(name: str) -> type[AdapterMethod]:
     return _REGISTRY[name]
 
 
+def check_options(config: dict[str, Any]) -> MethodOptions:
+    """The `method` config group checked against its method's typed options before any work starts (unknown
+    keys, types, ranges: one ConfigError); values that only differ in form ("8", "true") are converted in
+    `config` itself, so the run records what it used."""
+    cls = get(config["name"])
+    options = cls.Options.from_dict(cls.name, config)
+    for key in config:
+        if key != "name":
+            config[key] = getattr(options, key)
+    return options
+
+
 def build(config: dict[str, Any], budget: Budget) -> AdapterMethod:
     """Instantiate the method named by `config['name']` with the rest of its config."""
     return get(config["name"])(config, budget)
@@ -55,4 +68,5 @@ def _import_all() -> None:
 
 _import_all()
 
-__all__ = ["AdapterMethod", "LowRankLinear", "TargetInfo", "register", "names", "get", "build"]
+__all__ = ["AdapterMethod", "LowRankLinear", "MethodOptions", "TargetInfo", "register", "names", "get", "check_options",
+           "build"]

@@ -30,7 +30,7 @@ from ..budget import Budget, Ledger, LedgerRow, adalora_budget, keep_best_within
 from ..errors import ConfigError
 from ..training.hooks import TrainerHook, TrainState
 from . import register
-from .base import AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo
+from .base import AdapterMethod, LowRankLinear, MethodOptions, PeftLoraExport, TargetInfo
 
 ORTH_FORMS = ("code", "paper")
 
@@ -285,24 +285,25 @@ class AdaLoraAllocator(TrainerHook):
         self._kept_per_matrix = [int(m.sum()) for m in self.kept.split(self.ranks)]
 
 
-@register("adalora")
-class AdaLoRA(AdapterMethod):
-    """AdaLoRA: SVD-form adapters with a shrinking global budget of singular values (module docstring)."""
+@dataclass(frozen=True)
+class AdaLoraOptions(MethodOptions):
+    """AdaLoRA's options (conf/method/adalora.yaml says where each default comes from)."""
 
-    def __init__(self, config: dict[str, Any], budget: Budget) -> None:
-        super().__init__(config, budget)
-        c = self.config
-        self.alpha = float(c.get("alpha", 16))
-        self.dropout = float(c.get("dropout", 0.0))
-        self.orth_reg_weight = float(c.get("orth_reg_weight", 0.1))
-        self.orth_form = str(c.get("orth_form", "code"))
-        self.beta1 = float(c.get("beta1", 0.85))
-        self.beta2 = float(c.get("beta2", 0.85))
-        self.delta_t = int(c.get("delta_t", 10))
-        self.t_init = float(c.get("t_init", 0.15))
-        self.t_final = float(c.get("t_final", 0.5))
-        self.t_init_steps = None if c.get("t_init_steps") is None else int(c["t_init_steps"])
-        self.t_final_steps = None if c.get("t_final_steps") is None else int(c["t_final_steps"])
+    alpha: float = 16.0               # s = alpha / r_init, fixed while λ is masked
+    dropout: float = 0.0              # adapter-input dropout
+    orth_reg_weight: float = 0.1      # γ of the orthogonality penalty
+    orth_form: str = "code"           # code | paper (ORTH_FORMS)
+    beta1: float = 0.85               # EMA of the sensitivity
+    beta2: float = 0.85               # EMA of its uncertainty
+    delta_t: int = 10                 # steps between masks in the cubic phase
+    t_init: float = 0.15              # warm-up fraction of the run
+    t_final: float = 0.5              # final-phase fraction of the run
+    t_init_steps: int | None = None   # absolute t_i; overrides t_init
+    t_final_steps: int | None = None  # absolute t_f; overrides t_final
+
+    def validate(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
         if self.orth_form not in ORTH_FORMS:
             raise ConfigError(f"method.orth_form must be one of {', '.join(ORTH_FORMS)}, got {self.orth_form!r}")
         if self.orth_reg_weight < 0:
@@ -315,6 +316,26 @@ class AdaLoRA(AdapterMethod):
         if not (0.0 <= self.t_init and 0.0 <= self.t_final and self.t_init + self.t_final < 1.0):
             raise ConfigError(f"method.t_init and method.t_final are fractions of the run with t_init + t_final < 1, "
                               f"got {self.t_init} and {self.t_final}")
+        for key in ("t_init_steps", "t_final_steps"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ConfigError(f"method.{key} must be >= 0 steps or null, got {getattr(self, key)}")
+
+
+@register("adalora")
+class AdaLoRA(AdapterMethod):
+    """AdaLoRA: SVD-form adapters with a shrinking global budget of singular values (module docstring)."""
+
+    Options = AdaLoraOptions
+    options: AdaLoraOptions
+
+    def __init__(self, config: dict[str, Any], budget: Budget) -> None:
+        super().__init__(config, budget)
+        o = self.options
+        self.alpha, self.dropout, self.orth_reg_weight, self.orth_form = o.alpha, o.dropout, o.orth_reg_weight, \
+            o.orth_form
+        self.beta1, self.beta2, self.delta_t = o.beta1, o.beta2, o.delta_t
+        self.t_init, self.t_final, self.t_init_steps, self.t_final_steps = o.t_init, o.t_final, o.t_init_steps, \
+            o.t_final_steps
         self.allocator: AdaLoraAllocator | None = None
         self._orth_groups: list[tuple[str, list[int]]] = []
 

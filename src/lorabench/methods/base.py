@@ -13,8 +13,9 @@ import sys
 import threading
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -22,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..budget import Budget, Ledger, LedgerRow
+from ..errors import ConfigError
 from ..training.hooks import ScheduleHook, TrainState
+from ..validate import check_field_types, did_you_mean
 
 
 class _UpProjection(torch.autograd.Function):
@@ -612,6 +615,43 @@ class TargetInfo:
     role: str
 
 
+@dataclass(frozen=True)
+class MethodOptions:
+    """A method's options: each method subclasses this with its own fields, and the subclass's defaults are the
+    method's defaults (conf/method/<name>.yaml documents them; tests/test_registry.py checks that the two agree).
+
+    The switches here are every method's: None keeps the method's class default (AdapterMethod below); comparison
+    runs set them with `+method.fold_low_rank=false` and the like, so the YAMLs do not list them.
+    """
+
+    fold_low_rank: bool | None = None
+    stack_shared_inputs: bool | None = None
+    shared_dropout_mask: bool | None = None
+
+    SWITCHES: ClassVar[tuple[str, ...]] = ("fold_low_rank", "stack_shared_inputs", "shared_dropout_mask")
+
+    @classmethod
+    def from_dict(cls, method: str, values: dict[str, Any]) -> "MethodOptions":
+        """The options from a config group (its `name` ignored): unknown keys get a "did you mean", values of the
+        wrong type one error naming the key, values in another form ("8", "true", 3.0 for 3) are converted, then
+        the subclass's `validate` checks ranges."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key != "name" and key not in known:
+                raise ConfigError(f"method {method} has no option {key!r}{did_you_mean(key, known)}; its options: "
+                                  f"{', '.join(known)}")
+        options = cls(**{k: v for k, v in values.items() if k != "name"})
+        check_field_types(options, "method")
+        options.validate()
+        return options
+
+    def validate(self) -> None:
+        """Raise ConfigError for a value out of range (subclasses; the types are checked already)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 class AdapterMethod(ABC):
     """Base class for a registered method. Subclasses implement `make_layer` and usually `ledger_row`.
 
@@ -621,6 +661,7 @@ class AdapterMethod(ABC):
     """
 
     name: str = "base"
+    Options: type[MethodOptions] = MethodOptions  # the method's typed options (a subclass per method)
 
     @property
     def mergeable(self) -> bool:
@@ -632,12 +673,13 @@ class AdapterMethod(ABC):
         return True
 
     def __init__(self, config: dict[str, Any], budget: Budget) -> None:
-        self.config = dict(config)
+        self.options = self.Options.from_dict(self.name, config)
+        self.config = dict(config)  # as given (the run's config group); the values to use are in self.options
         self.budget = budget
         # overrides of the class defaults of the speed switches (tests compare each with the plain path)
-        for key in ("stack_shared_inputs", "fold_low_rank", "shared_dropout_mask"):
-            if key in self.config:
-                setattr(self, key, bool(self.config[key]))
+        for key in MethodOptions.SWITCHES:
+            if getattr(self.options, key) is not None:
+                setattr(self, key, getattr(self.options, key))
         self.layers: dict[str, nn.Module] = {}
         self.targets: dict[str, TargetInfo] = {}
         self._schedule_hook: ScheduleHook | None = None

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..budget import LedgerRow
 from . import register
+from .lora import LoraOptions
 from .base import (AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo, _float_mask, _FoldedLowRank,
                    keep_scale, up_project)
 
@@ -192,14 +193,12 @@ class DoraLinear(LowRankLinear):
 class DoRA(AdapterMethod):
     """DoRA on every target: rank `budget.rank`, scale α/r (or α/√r with rsLoRA), A kaiming, B = 0, m = ‖W0‖_row."""
 
+    Options = LoraOptions  # LoRA's three options
+    options: LoraOptions
+
     def make_layer(self, base: nn.Linear, target: TargetInfo) -> nn.Module:
-        layer = DoraLinear(
-            base,
-            rank=self.budget.rank,
-            alpha=float(self.config.get("alpha", 16)),
-            dropout=float(self.config.get("dropout", 0.0)),
-            use_rslora=bool(self.config.get("use_rslora", False)),
-        )
+        o = self.options
+        layer = DoraLinear(base, rank=self.budget.rank, alpha=o.alpha, dropout=o.dropout, use_rslora=o.use_rslora)
         return layer.train(base.training)  # a new module starts in train mode; keep the model's mode (dropout)
 
     def ledger_row(self, name: str, layer: nn.Module) -> LedgerRow:
@@ -212,5 +211,5 @@ class DoRA(AdapterMethod):
         tensors = {name: {"lora_A": layer.lora_A.detach().clone(), "lora_B": layer.lora_B.detach().clone(),
                           "magnitude": layer.lora_magnitude.detach().clone()}
                    for name, layer in self.layers.items()}
-        return PeftLoraExport(r=self.budget.rank, lora_alpha=float(self.config.get("alpha", 16)), tensors=tensors,
-                              use_rslora=bool(self.config.get("use_rslora", False)), use_dora=True)
+        return PeftLoraExport(r=self.budget.rank, lora_alpha=self.options.alpha, tensors=tensors,
+                              use_rslora=self.options.use_rslora, use_dora=True)

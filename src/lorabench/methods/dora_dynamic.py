@@ -24,6 +24,7 @@ code does; `dem_form: paper` divides by the number of components n = #layers·r�
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from ..budget import Budget, Ledger, dora_dynamic_n_pruned, dora_dynamic_schedul
 from ..errors import ConfigError
 from ..training.hooks import TrainState
 from . import register
-from .base import AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo
+from .base import AdapterMethod, LowRankLinear, MethodOptions, PeftLoraExport, TargetInfo
 
 DEM_FORMS = ("code", "paper")
 
@@ -57,19 +58,24 @@ class GatedLowRankLinear(LowRankLinear):
         return self.lora_gate
 
 
-@register("dora_dynamic")
-class DoraDynamic(AdapterMethod):
-    def __init__(self, config: dict[str, Any], budget: Budget) -> None:
-        super().__init__(config, budget)
-        self.alpha = float(self.config.get("alpha", 8))
-        self.dropout = float(self.config.get("dropout", 0.1))
-        self.beta = float(self.config.get("beta", 0.9))
-        self.prune_interval = int(self.config.get("prune_interval", 10))
-        self.warmup_frac = float(self.config.get("warmup_frac", 0.15))
-        self.final_frac = float(self.config.get("final_frac", 0.50))
-        self.dem_weight = float(self.config.get("dem_weight", 0.5))
-        self.dem_form = str(self.config.get("dem_form", "code"))
-        self.eps = float(self.config.get("eps", 1e-8))
+@dataclass(frozen=True)
+class DoraDynamicOptions(MethodOptions):
+    """DoRA-dynamic's options; the defaults follow the reference code and the paper's Table 8 (the YAML says
+    where each comes from)."""
+
+    alpha: float = 8.0          # s = alpha / r' (r' the initial rank)
+    dropout: float = 0.1        # adapter-input dropout (the reference code's value)
+    beta: float = 0.9           # EMA factor of the importance scores
+    prune_interval: int = 10    # optimizer steps between pruning events
+    warmup_frac: float = 0.15   # no pruning in the first 15% of steps
+    final_frac: float = 0.50    # the last 50% keep the final mask
+    dem_weight: float = 0.5     # eta of the DEM variance regularizer
+    dem_form: str = "code"      # code | paper (DEM_FORMS)
+    eps: float = 1e-8           # guard of the importance score's denominator (the layer's update norm + eps)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.beta < 1.0:
             raise ConfigError(f"method.beta must be in [0, 1), got {self.beta}")
         if self.prune_interval < 1:
@@ -81,6 +87,21 @@ class DoraDynamic(AdapterMethod):
             raise ConfigError(f"method.dem_form must be one of {', '.join(DEM_FORMS)}, got {self.dem_form!r}")
         if self.dem_weight < 0:
             raise ConfigError(f"method.dem_weight must be >= 0, got {self.dem_weight}")
+        if not self.eps > 0:
+            raise ConfigError(f"method.eps must be > 0, got {self.eps}")
+
+
+@register("dora_dynamic")
+class DoraDynamic(AdapterMethod):
+    Options = DoraDynamicOptions
+    options: DoraDynamicOptions
+
+    def __init__(self, config: dict[str, Any], budget: Budget) -> None:
+        super().__init__(config, budget)
+        o = self.options
+        self.alpha, self.dropout, self.beta, self.prune_interval = o.alpha, o.dropout, o.beta, o.prune_interval
+        self.warmup_frac, self.final_frac, self.eps = o.warmup_frac, o.final_frac, o.eps
+        self.dem_weight, self.dem_form = o.dem_weight, o.dem_form
         self.init_rank = budget.init_rank  # r′
         self.target_rank = budget.rank  # r: the final average number of components per matrix
         # Schedule state (state_dict holds all of it, for an exact resume).

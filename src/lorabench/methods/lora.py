@@ -6,25 +6,39 @@ The layer is the shared core itself; this file only decides rank, scale and drop
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
+from ..errors import ConfigError
 from . import register
-from .base import AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo
+from .base import AdapterMethod, LowRankLinear, MethodOptions, PeftLoraExport, TargetInfo
+
+
+@dataclass(frozen=True)
+class LoraOptions(MethodOptions):
+    """LoRA's options (also DoRA's: the same three numbers)."""
+
+    alpha: float = 16.0       # s = alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = 0.0      # adapter-input dropout
+    use_rslora: bool = False
+
+    def validate(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
 
 
 @register("lora")
 class LoRA(AdapterMethod):
+    Options = LoraOptions
+    options: LoraOptions
+
     def make_layer(self, base: nn.Linear, target: TargetInfo) -> nn.Module:
-        return LowRankLinear(
-            base,
-            rank=self.budget.rank,
-            alpha=float(self.config.get("alpha", 16)),
-            dropout=float(self.config.get("dropout", 0.0)),
-            use_rslora=bool(self.config.get("use_rslora", False)),
-        )
+        o = self.options
+        return LowRankLinear(base, rank=self.budget.rank, alpha=o.alpha, dropout=o.dropout, use_rslora=o.use_rslora)
 
     def to_peft(self) -> PeftLoraExport:
         tensors = {name: {"lora_A": layer.lora_A.detach().clone(), "lora_B": layer.lora_B.detach().clone()}
                    for name, layer in self.layers.items()}
-        return PeftLoraExport(r=self.budget.rank, lora_alpha=float(self.config.get("alpha", 16)), tensors=tensors,
-                              use_rslora=bool(self.config.get("use_rslora", False)))
+        return PeftLoraExport(r=self.budget.rank, lora_alpha=self.options.alpha, tensors=tensors,
+                              use_rslora=self.options.use_rslora)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -48,7 +49,7 @@ from ..budget import Ledger, LedgerRow
 from ..errors import ConfigError
 from ..training.hooks import TrainState
 from . import register
-from .base import AdapterMethod, LowRankLinear, TargetInfo
+from .base import AdapterMethod, LowRankLinear, MethodOptions, TargetInfo
 
 log = logging.getLogger("lorabench")
 
@@ -218,6 +219,39 @@ def booster_end_steps(total_steps: int, n_boosters: int | None, steps_per_booste
     return [(t * k) // n for t in range(1, n + 1)]
 
 
+@dataclass(frozen=True)
+class XgbLoraOptions(MethodOptions):
+    """XGBLoRA's options; the defaults are those the issue-13 ablation chose (conf/method/xgblora.yaml and
+    bench/results/ablation_xgblora/README.md say why)."""
+
+    alpha: float = 32.0                     # s = alpha / booster_rank
+    booster_rank: int = 4                   # rank of each booster (capped at budget.rank)
+    n_boosters: int | None = None           # null: from the budget (default_n_boosters)
+    steps_per_booster: int | None = None    # κ; null: the run's steps split evenly over the boosters
+    layers_per_booster: int | None = None   # L_s; null: every block up to 12, ceil(L/3) beyond
+    block_sampling: str = "cyclic"          # cyclic | uniform (BLOCK_SAMPLINGS)
+    shrinkage: float = 1.0                  # a finished booster merges as W += shrinkage · s · B A
+    booster_l2: float = 0.0                 # λ of the ‖A‖² + ‖B‖² penalty on the live booster
+    dropout: float = 0.0                    # adapter-input dropout
+    sample_seed: int | None = None          # null: the run's seed decides the block sampling
+
+    def validate(self) -> None:
+        if self.booster_rank < 1:
+            raise ConfigError(f"method.booster_rank must be >= 1, got {self.booster_rank}")
+        for key in ("n_boosters", "steps_per_booster", "layers_per_booster"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"method.{key} must be >= 1 or null, got {getattr(self, key)}")
+        if self.block_sampling not in BLOCK_SAMPLINGS:
+            raise ConfigError(f"method.block_sampling must be one of {', '.join(BLOCK_SAMPLINGS)}, "
+                              f"got {self.block_sampling!r}")
+        if not self.shrinkage > 0:
+            raise ConfigError(f"method.shrinkage must be > 0, got {self.shrinkage}")
+        if self.booster_l2 < 0:
+            raise ConfigError(f"method.booster_l2 must be >= 0, got {self.booster_l2}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
+
+
 @register("xgblora")
 class XGBLoRA(AdapterMethod):
     """Boosted low-rank LoRA (methods.md §5.3 revised by §5.5 [ours]); the module docstring says what is the
@@ -230,34 +264,24 @@ class XGBLoRA(AdapterMethod):
     # and the one live booster may cover only L_s blocks: evaluate unmerged
     merge_for_eval = False
 
+    Options = XgbLoraOptions
+    options: XgbLoraOptions
+
     def __init__(self, config: dict[str, Any], budget) -> None:
         super().__init__(config, budget)
-        self.alpha = float(config.get("alpha", 16.0))
-        self.dropout = float(config.get("dropout", 0.0))
-        self.booster_rank = int(config.get("booster_rank", 1))
-        if self.booster_rank < 1:
-            raise ConfigError(f"method.booster_rank must be >= 1, got {self.booster_rank}")
+        o = self.options
+        self.alpha, self.dropout, self.block_sampling = o.alpha, o.dropout, o.block_sampling
+        self.shrinkage, self.booster_l2 = o.shrinkage, o.booster_l2
         # A booster larger than the budget's rank would store more than LoRA-r with even one booster (the shipped
         # rank 4 at budget r2): cap it, and say so in the ledger.
-        self.booster_rank_asked = self.booster_rank
-        self.booster_rank = min(self.booster_rank, int(budget.rank))
-        self._n_boosters_cfg = self._optional_count(config, "n_boosters")
-        self._steps_per_booster_cfg = self._optional_count(config, "steps_per_booster")
-        self._layers_per_booster_cfg = self._optional_count(config, "layers_per_booster")
-        self.block_sampling = str(config.get("block_sampling", "cyclic"))
-        if self.block_sampling not in BLOCK_SAMPLINGS:
-            raise ConfigError(f"method.block_sampling must be one of {', '.join(BLOCK_SAMPLINGS)}, "
-                              f"got {self.block_sampling!r}")
-        self.shrinkage = float(config.get("shrinkage", 1.0))
-        if not self.shrinkage > 0:
-            raise ConfigError(f"method.shrinkage must be > 0, got {self.shrinkage}")
-        self.booster_l2 = float(config.get("booster_l2", 0.0))
-        if self.booster_l2 < 0:
-            raise ConfigError(f"method.booster_l2 must be >= 0, got {self.booster_l2}")
-        seed = config.get("sample_seed")
+        self.booster_rank_asked = o.booster_rank
+        self.booster_rank = min(o.booster_rank, int(budget.rank))
+        self._n_boosters_cfg = o.n_boosters
+        self._steps_per_booster_cfg = o.steps_per_booster
+        self._layers_per_booster_cfg = o.layers_per_booster
         # Without an explicit seed: the seed of the global torch RNG, which run.py sets from the run seed right
         # before building the method; reading it consumes nothing, so the adapter init is unaffected.
-        self.sample_seed = int(seed) if seed is not None else torch.initial_seed()
+        self.sample_seed = o.sample_seed if o.sample_seed is not None else torch.initial_seed()
         self.blocks: list[int] = []  # distinct encoder blocks holding targets
         self.layers_per_booster = 0
         self.n_boosters = 0  # planned boosters (from the config; with κ set, known once K is)
@@ -265,15 +289,6 @@ class XGBLoRA(AdapterMethod):
         self.active_blocks: list[int] = []
         self.total_steps: int | None = None
         self.end_steps: list[int] = []  # step at which each booster ends, once K is known
-
-    @staticmethod
-    def _optional_count(config: dict[str, Any], key: str) -> int | None:
-        value = config.get(key)
-        if value is None:
-            return None
-        if int(value) < 1:
-            raise ConfigError(f"method.{key} must be >= 1 or null, got {value}")
-        return int(value)
 
     # --- building -----------------------------------------------------------------------------------
     def make_layer(self, base: nn.Linear, target: TargetInfo) -> nn.Module:
