@@ -93,7 +93,7 @@ def test_keep_mask_does_not_depend_on_threads_or_blocks(monkeypatch):
             torch.manual_seed(9)
             assert torch.equal(draw_keep_mask(shape, 0.1, "cpu"), reference), n
             keep = draw_keep_mask(shape, 0.1, "cpu")
-            assert torch.equal(base._float_mask(keep, torch.empty(0), temporary=True), keep.float())
+            assert torch.equal(base.float_mask(keep, torch.empty(0), temporary=True), keep.float())
     finally:
         torch.set_num_threads(threads)
 

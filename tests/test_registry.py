@@ -273,7 +273,7 @@ def test_fold_is_used_where_it_applies_and_only_there():
 def test_fused_autograd_functions_pass_gradcheck():
     """The hand-written backwards of the speed paths against finite differences (float64, small shapes),
     including 3-D inputs, a bias and a trainable per-component scale."""
-    from lorabench.methods.base import _FoldedLowRank, _UpProjection
+    from lorabench.methods.base import FoldedLowRank, _UpProjection
     from lorabench.methods.dynamic_lora import _TokenGatedLowRank
 
     g = torch.Generator().manual_seed(0)
@@ -283,11 +283,11 @@ def test_fused_autograd_functions_pass_gradcheck():
 
     x, w0, bias = rand(2, 3, 5), rand(4, 5, grad=False), rand(4, grad=False)
     a, b, cs = rand(3, 5), rand(4, 3), rand(3)
-    assert torch.autograd.gradcheck(_FoldedLowRank.apply, (x, w0, bias, a, b, cs, None))
-    assert torch.autograd.gradcheck(_FoldedLowRank.apply, (x, w0, None, a, b, cs.detach(), None))
+    assert torch.autograd.gradcheck(FoldedLowRank.apply, (x, w0, bias, a, b, cs, None))
+    assert torch.autograd.gradcheck(FoldedLowRank.apply, (x, w0, None, a, b, cs.detach(), None))
     assert torch.autograd.gradcheck(_UpProjection.apply, (rand(2, 3, 3), b))
-    assert torch.autograd.gradcheck(_FoldedLowRank.apply, (x, w0, bias, a, b, cs.detach(), rand(4)))  # DoRA's gain
-    assert torch.autograd.gradcheck(_FoldedLowRank.apply, (x, w0, None, a, b, cs.detach(), rand(4)))
+    assert torch.autograd.gradcheck(FoldedLowRank.apply, (x, w0, bias, a, b, cs.detach(), rand(4)))  # DoRA's gain
+    assert torch.autograd.gradcheck(FoldedLowRank.apply, (x, w0, None, a, b, cs.detach(), rand(4)))
     down, gate_v = rand(4, 5), rand(1)  # [A; u'] for r = 3
     assert torch.autograd.gradcheck(_TokenGatedLowRank.apply, (x, w0, bias, down, gate_v, b, cs.detach(), 0.5))
 

@@ -23,10 +23,12 @@ class TrainingError(LorabenchError):
     """Training cannot continue (non-finite loss)."""
 
 
-class RunInterrupted(LorabenchError):
+class RunInterrupted(BaseException):
     """SIGINT / SIGTERM ended the run (exit status 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM).
 
-    `step` / `total_steps` say how far training got (None before training started)."""
+    `step` / `total_steps` say how far training got (None before training started). A BaseException, like
+    KeyboardInterrupt: the signal handler raises it wherever the main thread is, and an `except Exception` there
+    (a cache read that falls back, a library's optional import) must not swallow the stop."""
 
     def __init__(self, signum: int, step: int | None = None, total_steps: int | None = None) -> None:
         import signal

@@ -62,7 +62,7 @@ def up_project(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(h, weight)
 
 
-class _FoldedLowRank(torch.autograd.Function):
+class FoldedLowRank(torch.autograd.Function):
     """`y = x (W0 + B diag(cs) A)ᵀ + b`, or with DoRA's gain g (None: no gain) `g ⊙ (x (W0 + B diag(cs) A)ᵀ) + b`:
     a low-rank adapter folded into the frozen weight for one fp32 call.
 
@@ -237,7 +237,7 @@ def _scratch(name: str, nbytes: int) -> np.ndarray:
     return buf[:nbytes]
 
 
-def _float_mask(keep: torch.Tensor, like: torch.Tensor, temporary: bool = False) -> torch.Tensor:
+def float_mask(keep: torch.Tensor, like: torch.Tensor, temporary: bool = False) -> torch.Tensor:
     """`keep` as a 0/1 tensor of `like`'s dtype, for the caller to write into. `temporary`: a reused buffer
     (on the CPU), valid until the next call (a fused function's forward or backward uses it and lets go).
 
@@ -274,7 +274,7 @@ class _KeepScale(torch.autograd.Function):
 
 def _masked_scaled(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
     """`x ⊙ keep · scale` as a new tensor in one pass over x (`0 + scale·mask·x`: one rounding, also in bf16)."""
-    return torch.addcmul(x.new_zeros(()), _float_mask(keep, x, temporary=True), x, value=scale)
+    return torch.addcmul(x.new_zeros(()), float_mask(keep, x, temporary=True), x, value=scale)
 
 
 class AdapterDropout(nn.Dropout):
@@ -317,7 +317,7 @@ class _DroppedLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, cs, keep, scale):
         x2 = x.reshape(-1, x.shape[-1])
-        h = _float_mask(keep, x2, temporary=True).view(x2.shape).mul_(x2) @ lora_A.t()  # the dropped x, for h only
+        h = float_mask(keep, x2, temporary=True).view(x2.shape).mul_(x2) @ lora_A.t()  # the dropped x, for h only
         hs = h * (cs * scale)
         out = hs @ lora_B.t() if bias is None else torch.addmm(bias, hs, lora_B.t())
         out.addmm_(x2, weight.t())
@@ -332,7 +332,7 @@ class _DroppedLowRank(torch.autograd.Function):
         scale = ctx.scale
         g = grad_y.reshape(-1, grad_y.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        mask = _float_mask(keep, x2, temporary=True).view(x2.shape)
+        mask = float_mask(keep, x2, temporary=True).view(x2.shape)
         cs_scaled = cs * scale
         u = (lora_B.t() @ g.t()).t()  # ∂Y B on the fast side of the GEMM (_UpProjection)
         us = u * cs_scaled
@@ -360,7 +360,7 @@ class _DroppedDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, keep, scale):
         x2 = x.reshape(-1, x.shape[-1])
-        h = (_float_mask(keep, x2, temporary=True).view(x2.shape).mul_(x2) @ weight.t()).mul_(scale)
+        h = (float_mask(keep, x2, temporary=True).view(x2.shape).mul_(x2) @ weight.t()).mul_(scale)
         ctx.scale = scale
         ctx.save_for_backward(x, weight, keep)
         return h.view(*x.shape[:-1], h.shape[-1])
@@ -371,7 +371,7 @@ class _DroppedDown(torch.autograd.Function):
         need_x, need_w, _, _ = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])
         g = grad_h.reshape(-1, grad_h.shape[-1]) * ctx.scale
-        mask = _float_mask(keep, x2, temporary=True).view(x2.shape)
+        mask = float_mask(keep, x2, temporary=True).view(x2.shape)
         grad_x = grad_w = None
         if need_x:
             grad_x = (g @ weight).mul_(mask).view(x.shape)
@@ -532,7 +532,7 @@ class LowRankLinear(nn.Module):
         return self.fp32_any_dropout(x) and not self.dropout_active()
 
     def fold_now(self, x: torch.Tensor) -> bool:
-        """Whether this call runs folded (`_FoldedLowRank`): fp32, no autocast, no active dropout."""
+        """Whether this call runs folded (`FoldedLowRank`): fp32, no autocast, no active dropout."""
         return self.can_fold() and self.fp32_call(x)
 
     def fuse_dropout_now(self, x: torch.Tensor) -> bool:
@@ -554,7 +554,7 @@ class LowRankLinear(nn.Module):
         if self.merged:
             return self.base(x)
         if self.fold_now(x):
-            return _FoldedLowRank.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
+            return FoldedLowRank.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
                                         self.hidden_scale(), None)
         if self.fuse_dropout_now(x):
             return _DroppedLowRank.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
@@ -575,6 +575,11 @@ class LowRankLinear(nn.Module):
             return
         w = self.base.weight
         w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def forget_merge(self) -> None:
+        """The unmerged base weight is back in place (an evaluation merged a copy of it): unmerged again, with
+        nothing that `merge()` cached kept."""
         self.merged = False
 
     def effective_rank(self) -> int:
@@ -707,7 +712,7 @@ class AdapterMethod(ABC):
             self.group_shared_inputs()
         self.after_attach(model)
 
-    # Whether a layer may run fp32 calls through the fused paths (`_FoldedLowRank`, dynamic_lora's gated one).
+    # Whether a layer may run fp32 calls through the fused paths (`FoldedLowRank`, dynamic_lora's gated one).
     fold_low_rank: bool = True
 
     # q, k and v of one block read the same hidden states (true of every model config in conf/model)
@@ -814,17 +819,15 @@ class AdapterMethod(ABC):
                     if layer.merged:
                         continue
                     original = layer.base.weight
-                    originals[name] = (original, getattr(layer, "_merge_norm", None))
+                    originals[name] = original
                     layer.base.weight = nn.Parameter(original.detach().clone(), requires_grad=False)
                     layer.merge()
             yield True
         finally:
-            for name, (original, merge_norm) in originals.items():
+            for name, original in originals.items():
                 layer = self.layers[name]
                 layer.base.weight = original
-                layer.merged = False
-                if hasattr(layer, "_merge_norm"):
-                    layer._merge_norm = merge_norm
+                layer.forget_merge()
 
     def unmerge(self) -> None:
         for layer in self.layers.values():

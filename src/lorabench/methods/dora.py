@@ -8,7 +8,7 @@ Forward (§2.2, the form peft and NVlabs compute):
     y = x W0ᵀ + b + (g − 1) ⊙ (x̃ W0ᵀ) + g ⊙ s·(x̃ Aᵀ Bᵀ),   x̃ = drop(x).
 Without active dropout `x̃ = x` and the first base result (minus the bias) is reused, which equals `x W'ᵀ + b`
 exactly; it is computed as `g ⊙ z + b` with `z = x W0ᵀ + s·x Aᵀ Bᵀ`, and in fp32 `z = x (W0 + s·B A)ᵀ` as one GEMM
-(base.py's `_FoldedLowRank` with the gain inside). With active dropout the base term of the correction is recomputed on the dropped input, as in both
+(base.py's `FoldedLowRank` with the gain inside). With active dropout the base term of the correction is recomputed on the dropped input, as in both
 reference implementations (the training-time function is then not exactly `x W'ᵀ + b`).
 
 The row norm is detached (§2.3, paper §4.3): it is computed under `no_grad`, so `∂L/∂V'` carries no projection
@@ -31,7 +31,7 @@ from torch import nn
 from ..budget import LedgerRow
 from . import register
 from .lora import LoraOptions
-from .base import (AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo, _float_mask, _FoldedLowRank,
+from .base import (AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo, float_mask, FoldedLowRank,
                    keep_scale, up_project)
 
 
@@ -50,7 +50,7 @@ class _DroppedDora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, gain, keep, scale, lora_scale):
         x2 = x.reshape(-1, x.shape[-1])
-        dropped = _float_mask(keep, x2, temporary=True).view(x2.shape).mul_(x2)  # the 1/(1 − p) rides on the weights
+        dropped = float_mask(keep, x2, temporary=True).view(x2.shape).mul_(x2)  # the 1/(1 − p) rides on the weights
         folded = torch.addmm(weight, lora_B, lora_A, alpha=lora_scale).mul_(scale)  # (W0 + s·B A)/(1 − p)
         z = dropped @ folded.t()
         rest = torch.add(x2, dropped, alpha=-scale, out=dropped)  # x − x̃, in the same buffer
@@ -67,7 +67,7 @@ class _DroppedDora(torch.autograd.Function):
         scale, s = ctx.scale, ctx.lora_scale
         g = grad_y.reshape(-1, grad_y.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        mask = _float_mask(keep, x2, temporary=True).view(x2.shape)
+        mask = float_mask(keep, x2, temporary=True).view(x2.shape)
         grad_x = grad_A = grad_B = grad_gain = None
         if need_gain:
             grad_gain = (g * z).sum(dim=0)
@@ -150,7 +150,7 @@ class DoraLinear(LowRankLinear):
         # function with two activation-sized elementwise passes (and one saved tensor) instead of five.
         weight, bias = self.base.weight, self.base.bias
         if self.fold_now(x):  # z = x (W0 + s B A)ᵀ as one GEMM, the gain inside the function (fp32 call)
-            return _FoldedLowRank.apply(x, weight, bias, self.lora_A, self.lora_B, self.hidden_scale(), self.gain())
+            return FoldedLowRank.apply(x, weight, bias, self.lora_A, self.lora_B, self.hidden_scale(), self.gain())
         h = self.down(x) * self.scale  # scale the r-wide hidden, not the output
         z = F.linear(x, weight.to(x.dtype)) + up_project(h, self.lora_B.to(h.dtype))
         gain = self.gain().to(z.dtype)
@@ -187,6 +187,10 @@ class DoraLinear(LowRankLinear):
         w.copy_((w.float() / gain[:, None] - self.direction_update()).to(w.dtype))
         self._merge_norm = None
         self.merged = False
+
+    def forget_merge(self) -> None:
+        super().forget_merge()
+        self._merge_norm = None
 
 
 @register("dora")
