@@ -302,8 +302,6 @@ class AdaLoraOptions(MethodOptions):
     t_final_steps: int | None = None  # absolute t_f; overrides t_final
 
     def validate(self) -> None:
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
         if self.orth_form not in ORTH_FORMS:
             raise ConfigError(f"method.orth_form must be one of {', '.join(ORTH_FORMS)}, got {self.orth_form!r}")
         if self.orth_reg_weight < 0:

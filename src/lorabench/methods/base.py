@@ -647,11 +647,15 @@ class MethodOptions:
                                   f"{', '.join(known)}")
         options = cls(**{k: v for k, v in values.items() if k != "name"})
         check_field_types(options, "method")
+        dropout = getattr(options, "dropout", None)  # every method's adapter-input dropout, where it has one
+        if dropout is not None and not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"method.dropout must be in [0, 1), got {dropout}")
         options.validate()
         return options
 
     def validate(self) -> None:
-        """Raise ConfigError for a value out of range (subclasses; the types are checked already)."""
+        """Raise ConfigError for a value out of range (subclasses; the types, and `dropout` where there is one,
+        are checked already)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

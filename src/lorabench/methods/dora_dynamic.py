@@ -74,8 +74,6 @@ class DoraDynamicOptions(MethodOptions):
     eps: float = 1e-8           # guard of the importance score's denominator (the layer's update norm + eps)
 
     def validate(self) -> None:
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.beta < 1.0:
             raise ConfigError(f"method.beta must be in [0, 1), got {self.beta}")
         if self.prune_interval < 1:

@@ -369,8 +369,6 @@ class DynamicLoraOptions(MethodOptions):
         def bad(msg):
             raise ConfigError(f"dynamic_lora: {msg}")
 
-        if not 0.0 <= self.dropout < 1.0:
-            bad(f"method.dropout must be in [0, 1), got {self.dropout}")
         if self.gate not in GATES:
             bad(f"method.gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         if self.allocation not in ALLOCATIONS:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import ConfigError
 from . import register
 from .base import AdapterMethod, LowRankLinear, MethodOptions, PeftLoraExport, TargetInfo
 
@@ -22,10 +21,6 @@ class LoraOptions(MethodOptions):
     alpha: float = 16.0       # s = alpha / r (alpha / sqrt(r) with use_rslora)
     dropout: float = 0.0      # adapter-input dropout
     use_rslora: bool = False
-
-    def validate(self) -> None:
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
 
 
 @register("lora")

@@ -248,8 +248,6 @@ class XgbLoraOptions(MethodOptions):
             raise ConfigError(f"method.shrinkage must be > 0, got {self.shrinkage}")
         if self.booster_l2 < 0:
             raise ConfigError(f"method.booster_l2 must be >= 0, got {self.booster_l2}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
 
 
 @register("xgblora")
