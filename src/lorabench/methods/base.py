@@ -566,7 +566,7 @@ class LowRankLinear(nn.Module):
         if self.merged:
             return
         w = self.base.weight
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        w.copy_(self.merged_weight(w.float()).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -574,8 +574,17 @@ class LowRankLinear(nn.Module):
         if not self.merged:
             return
         w = self.base.weight
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        w.copy_(self.unmerged_weight(w.float()).to(w.dtype))
         self.merged = False
+
+    def merged_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        """The weight `merge()` writes, from the fp32 base weight W0 (a subclass with another merge overrides
+        this pair)."""
+        return w0 + self.delta_weight()
+
+    def unmerged_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """W0 back from the fp32 merged weight `w`."""
+        return w - self.delta_weight()
 
     def forget_merge(self) -> None:
         """The unmerged base weight is back in place (an evaluation merged a copy of it): unmerged again, with

@@ -166,27 +166,15 @@ class DoraLinear(LowRankLinear):
         w0 = self.base.weight.float()
         return self.gain().float()[:, None] * (w0 + self.direction_update()) - w0
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        w = self.base.weight
+    def merged_weight(self, w0: torch.Tensor) -> torch.Tensor:
         norm = self.weight_norm()
-        gain = self.lora_magnitude.float() / norm
-        merged = gain[:, None] * (w.float() + self.direction_update())
         self._merge_norm = norm  # the merged weight no longer holds W0, so unmerge needs this norm
-        w.copy_(merged.to(w.dtype))
-        self.merged = True
+        return (self.lora_magnitude.float() / norm)[:, None] * (w0 + self.direction_update())
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        w = self.base.weight
+    def unmerged_weight(self, w: torch.Tensor) -> torch.Tensor:
         gain = self.lora_magnitude.float() / self._merge_norm
-        w.copy_((w.float() / gain[:, None] - self.direction_update()).to(w.dtype))
         self._merge_norm = None
-        self.merged = False
+        return w / gain[:, None] - self.direction_update()
 
     def forget_merge(self) -> None:
         super().forget_merge()
