@@ -25,6 +25,11 @@ The protocol is recorded in <results>/protocol.json; a results folder refuses an
   python bench/glue_minilm.py --protocol cpu         # all of it, 2 jobs at a time (2 cores)
   python bench/glue_minilm.py --phase tune --jobs 14 --extra trainer.device=cuda --deadline-s 400
   python bench/glue_minilm.py --list                 # the jobs and what is done
+
+The jobs import the checkout's src/ when each starts, so editing the code while the queue runs changes (or
+breaks) the jobs still to come: run it from a frozen worktree and write into the checkout,
+  git worktree add /tmp/frozen HEAD && cd /tmp/frozen &&
+  python bench/glue_minilm.py --protocol cpu --results <checkout>/bench/results/glue_minilm
 """
 
 from __future__ import annotations
