@@ -7,13 +7,13 @@ reporter needs (ledger, rank pattern) comes from here too, so the trainer never 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
 import threading
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
@@ -555,7 +555,7 @@ class LowRankLinear(nn.Module):
             return self.base(x)
         if self.fold_now(x):
             return FoldedLowRank.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
-                                        self.hidden_scale(), None)
+                                       self.hidden_scale(), None)
         if self.fuse_dropout_now(x):
             return _DroppedLowRank.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
                                          self.hidden_scale(), self.dropout.keep_mask(x), keep_scale(self.dropout.p))

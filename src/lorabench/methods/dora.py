@@ -30,9 +30,9 @@ from torch import nn
 
 from ..budget import LedgerRow
 from . import register
-from .lora import LoraOptions
 from .base import (AdapterMethod, LowRankLinear, PeftLoraExport, TargetInfo, float_mask, FoldedLowRank,
                    keep_scale, up_project)
+from .lora import LoraOptions
 
 
 class _DroppedDora(torch.autograd.Function):
