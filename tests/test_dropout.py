@@ -142,6 +142,35 @@ def test_adapter_dropout_module():
     assert torch.equal(full(x), torch.zeros_like(x))
 
 
+def _aten_ops(fn) -> list[str]:
+    """The aten operators `fn()` dispatches (the real dispatcher, recorded)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        fn()
+    return rec.ops
+
+
+def test_adapter_dropout_is_torch_native_dropout_off_the_cpu():
+    """Off the CPU the module is torch's own dropout (on CUDA one fused kernel; the meta device stands in for a
+    GPU here, where torch's dropout is bernoulli_ and a multiply); on the CPU it draws its own bool mask and
+    applies it in one addcmul."""
+    drop = AdapterDropout(0.25)
+    meta_ops = _aten_ops(lambda: drop(torch.empty(6, 9, device="meta")))
+    assert "bernoulli_" in meta_ops and "addcmul" not in meta_ops, meta_ops
+    cpu_ops = _aten_ops(lambda: drop(torch.randn(6, 9)))
+    assert "addcmul" in cpu_ops and "bernoulli_" not in cpu_ops, cpu_ops
+
+
 def _saved_activations(layer, x):
     """The float tensors of x's shape that autograd keeps from one forward of `layer`, as x itself or copies."""
     kept = []

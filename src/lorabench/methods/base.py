@@ -282,8 +282,12 @@ class AdapterDropout(nn.Dropout):
     different random stream than torch's dropout.
 
     `keep_mask(x)` is the one place a mask is drawn, by this module's forward and by the fused paths of
-    `LowRankLinear` alike, so both paths see the same mask for the same seed. When `shared` is set (a
+    `LowRankLinear` alike, so on the CPU both paths see the same mask for the same seed. When `shared` is set (a
     `SharedInputGroup` with `shared_dropout_mask`), the members reading one input take one mask.
+
+    On a GPU the forward is torch's own dropout: one fused kernel each way, where drawing and applying a bool
+    mask takes four or more launches (at MiniLM's size a step there is launch-bound: LoRA ran 1.38x PEFT's step
+    time at dropout 0.1 that way, bench/results/step_time_cuda_bf16.md). Same distribution, another stream.
     """
 
     def __init__(self, p: float) -> None:
@@ -298,6 +302,8 @@ class AdapterDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
+        if x.device.type != "cpu" and self.shared is None:
+            return super().forward(x)
         return _KeepScale.apply(x, self.keep_mask(x), keep_scale(self.p))
 
 
