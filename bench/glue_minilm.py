@@ -102,6 +102,47 @@ def select(root: Path, proto: dict) -> bool:
     return not missing
 
 
+def job_facts(jobs: list[Job]) -> tuple[int, float]:
+    """(jobs finished ok, their summed wall seconds) from their results.json."""
+    done, seconds = 0, 0.0
+    for j in jobs:
+        if jobqueue.finished_ok(j.run_dir):
+            done += 1
+            seconds += json.loads((j.run_dir / "results.json").read_text())["timings"]["wall_seconds"]
+    return done, seconds
+
+
+def write_protocol_md(root: Path, record: dict, tune: list[Job], final: list[Job], jobs_at_once: int) -> Path:
+    """<root>/protocol.md: the facts of the table (protocol, progress, job time, the selection) written from the
+    files, so the table's hand-written README.md can cite them and keep only the reading."""
+    lines = [f"# GLUE table protocol `{record['name']}` (written by bench/glue_minilm.py)", "",
+             f"Command: `python bench/glue_minilm.py --protocol {record['name']}` (resumable; `--list` shows the "
+             f"jobs)", "",
+             "| setting | value |", "|---|---|",
+             f"| methods | {', '.join(METHODS)} |",
+             f"| every job | {' '.join(record['common'])} |",
+             *(f"| {t} | {' '.join(opts) or 'the whole training set'} |" for t, opts in record["tasks"].items()),
+             f"| lr grid | {', '.join(record['lrs'])} on tuning seed(s) {', '.join(record['tune_seeds'])} and "
+             f"{', '.join(record['tune_tasks'])} |",
+             f"| lr selection | one per {record['select_by']} (lorabench/tuning.py) |",
+             f"| final seeds | {', '.join(record['final_seeds'])} |", "",
+             "| phase | jobs ok | summed job wall time | wall time at "
+             f"{jobs_at_once} at once |", "|---|---|---|---|"]
+    for phase, jobs in (("tune", tune), ("final", final)):
+        done, seconds = job_facts(jobs)
+        lines.append(f"| {phase} | {done} of {len(jobs)} | {seconds / 3600:.1f} h | ≈ {seconds / 3600 / jobs_at_once:.1f} h |")
+    sel = root / "tune" / "selected" / "selected_lr.json"
+    if sel.exists():
+        top = max(float(lr) for lr in record["lrs"])
+        lines += ["", "Selected learning rates (a ↑ marks the grid's largest: a better one may lie beyond it):", ""]
+        lines += [f"- {c['method']}: {c['selected']:g}{' ↑' if c['selected'] >= top else ''} (mean ×100 per lr: "
+                  + ", ".join(f"{lr}: {100 * m:.2f}" for lr, m in c["means"].items()) + ")"
+                  for c in json.loads(sel.read_text())]
+    path = root / "protocol.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cpu",
@@ -120,8 +161,9 @@ def main() -> int:
     proto = PROTOCOLS[args.protocol]
     lrs, tune_seeds = (args.lrs or proto["lrs"]).split(","), (args.tune_seeds or proto["tune_seeds"]).split(",")
     root, extra = Path(args.results), args.extra.split()
-    pin_protocol(root, args.protocol, {"name": args.protocol, **proto, "lrs": lrs, "tune_seeds": tune_seeds,
-                                       "final_seeds": args.seeds.split(","), "common": COMMON})
+    record = {"name": args.protocol, **proto, "lrs": lrs, "tune_seeds": tune_seeds,
+              "final_seeds": args.seeds.split(","), "common": COMMON}
+    pin_protocol(root, args.protocol, record)
     tune = tune_jobs(root, proto, lrs, tune_seeds, extra)
     final = final_jobs(root, proto, args.seeds.split(","), extra)
     if args.list:
@@ -142,9 +184,7 @@ def main() -> int:
         failed += f
     if args.phase in ("final", "all", "report") and (root / "final" / "jobs").exists():
         jobqueue.report(root / "final" / "jobs", root)
-        sel = root / "tune" / "selected" / "selected_lr.json"
-        if sel.exists():
-            print(json.dumps(json.loads(sel.read_text()), indent=1)[:2000])
+    print(f"wrote {write_protocol_md(root, record, tune, final, args.jobs)}")
     return 1 if failed else 0
 
 

@@ -99,3 +99,22 @@ def test_scaling_script_quick_mode():
                           text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| seq | floor ms/step | lora ÷ floor | dora ÷ floor |" in proc.stdout
+
+
+def test_glue_table_pins_its_protocol_and_writes_its_facts(tmp_path):
+    """bench/glue_minilm.py: a results folder keeps the protocol it started with (a second protocol is refused,
+    not mixed in), and protocol.md states the settings and the progress from the files."""
+    script, results = str(REPO / "bench" / "glue_minilm.py"), tmp_path / "table"
+    run = lambda *a: subprocess.run([sys.executable, script, *a, "--results", str(results)],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    listed = run("--protocol", "cpu", "--list")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    jobs = listed.stdout.splitlines()
+    assert len(jobs) == 72 + 90 and sum(j.startswith("    tune ") for j in jobs) == 6 * 3 * 4
+    assert json.loads((results / "protocol.json").read_text())["select_by"] == "method"
+    refused = run("--protocol", "full", "--list")
+    assert refused.returncode != 0 and "holds protocol 'cpu'" in refused.stderr
+    reported = run("--protocol", "cpu", "--phase", "report")
+    assert reported.returncode == 0, reported.stderr[-2000:]
+    facts = (results / "protocol.md").read_text()
+    assert "| tune | 0 of 72 |" in facts and "| final | 0 of 90 |" in facts and "5e-4, 1e-3, 2e-3, 4e-3" in facts
