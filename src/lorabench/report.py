@@ -907,29 +907,26 @@ def _first_error_line(j: Job) -> str:
     return err[0] if err else "failed"
 
 
+def _interrupted_line(j: Job) -> str:
+    step = j.results.get("step")
+    return "interrupted" + (f" at step {step}" if step is not None else "")
+
+
 def _problem_lines(report: Report) -> list[str]:
+    """The sections of report.md (and of the command's stderr) for jobs not in the tables."""
+    sections = [  # (title, intro, jobs, what to say of each)
+        ("Failed jobs", None, report.failed, _first_error_line),
+        ("Failed before training", "Jobs that stopped before their first training step (an option, the data or "
+         "the model); they are not in the tables:", report.failed_setup, _first_error_line),
+        ("Interrupted jobs", "Jobs stopped by Ctrl-C or a signal; they are not in the tables:", report.interrupted,
+         _interrupted_line),
+        ("Missing or unreadable results", None, report.broken, lambda j: j.problem),
+    ]
     lines = []
-    if report.failed:
-        lines += ["", f"## Failed jobs ({len(report.failed)})", ""]
-        for j in report.failed:
-            lines.append(f"- `{j.rel}` ({j.describe()}): {_first_error_line(j)}")
-    if report.failed_setup:
-        lines += ["", f"## Failed before training ({len(report.failed_setup)})", "",
-                  "Jobs that stopped before their first training step (an option, the data or the model); they are "
-                  "not in the tables:", ""]
-        for j in report.failed_setup:
-            lines.append(f"- `{j.rel}` ({j.describe()}): {_first_error_line(j)}")
-    if report.interrupted:
-        lines += ["", f"## Interrupted jobs ({len(report.interrupted)})", "",
-                  "Jobs stopped by Ctrl-C or a signal; they are not in the tables:", ""]
-        for j in report.interrupted:
-            step = j.results.get("step")
-            at = f" at step {step}" if step is not None else ""
-            lines.append(f"- `{j.rel}` ({j.describe()}): interrupted{at}")
-    if report.broken:
-        lines += ["", f"## Missing or unreadable results ({len(report.broken)})", ""]
-        for j in report.broken:
-            lines.append(f"- `{j.rel}` ({j.describe()}): {j.problem}")
+    for title, intro, jobs, detail in sections:
+        if jobs:
+            lines += ["", f"## {title} ({len(jobs)})", ""] + ([intro, ""] if intro else [])
+            lines += [f"- `{j.rel}` ({j.describe()}): {detail(j)}" for j in jobs]
     if report.not_found:
         lines += ["", f"## Not found ({len(report.not_found)})", "",
                   "Combinations of the sweep's methods, budgets, tasks and seeds with no job directory:", ""]
