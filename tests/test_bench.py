@@ -110,11 +110,11 @@ def test_glue_table_pins_its_protocol_and_writes_its_facts(tmp_path):
     listed = run("--protocol", "cpu", "--list")
     assert listed.returncode == 0, listed.stderr[-2000:]
     jobs = listed.stdout.splitlines()
-    assert len(jobs) == 72 + 90 and sum(j.startswith("    tune ") for j in jobs) == 6 * 3 * 4
+    assert len(jobs) == 90 + 90 and sum(j.startswith("    tune ") for j in jobs) == 6 * 3 * 5
     assert json.loads((results / "protocol.json").read_text())["select_by"] == "method"
     refused = run("--protocol", "full", "--list")
     assert refused.returncode != 0 and "holds protocol 'cpu'" in refused.stderr
     reported = run("--protocol", "cpu", "--phase", "report")
     assert reported.returncode == 0, reported.stderr[-2000:]
     facts = (results / "protocol.md").read_text()
-    assert "| tune | 0 of 72 |" in facts and "| final | 0 of 90 |" in facts and "5e-4, 1e-3, 2e-3, 4e-3" in facts
+    assert "| tune | 0 of 90 |" in facts and "| final | 0 of 90 |" in facts and "5e-4, 1e-3, 2e-3, 4e-3, 8e-3" in facts
