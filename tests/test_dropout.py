@@ -17,6 +17,7 @@ from lorabench.budget import Budget
 from lorabench.errors import ConfigError
 from lorabench.methods.base import AdapterDropout, LowRankLinear, draw_keep_mask, keep_scale
 from lorabench.methods.dora import DoraLinear
+from lorabench.methods.dynamic_lora import DynamicLoRALinear
 from conftest import REPO, TINY_SPEC_DICT, tiny_batch, tiny_bert
 
 SPEC = ModelSpec.from_dict(TINY_SPEC_DICT)
@@ -193,6 +194,20 @@ def test_fused_dropout_keeps_no_dropped_copy(cls):
     assert layer.fuse_dropout_now(x)
     assert set(_saved_activations(layer, x)) == {"x"}
     layer.allow_fold = False
+    assert "copy" in _saved_activations(layer, x)
+
+
+def test_token_gated_dropout_keeps_no_dropped_copy():
+    """dynamic_lora's token-gated layer under dropout: its branch reads the dropped x and its gate the clean x,
+    and the fused path keeps only x; the plain path keeps a dropped copy."""
+    torch.manual_seed(0)
+    layer = DynamicLoRALinear(nn.Linear(64, 16), n_components=4, scale=2.0, dropout=0.1, gate="token",
+                              active_rank=None, mask_context=None).train()
+    x = torch.randn(200, 64, requires_grad=True)
+    assert layer.fuse_dropout_now(x)
+    assert set(_saved_activations(layer, x)) == {"x"}
+    layer.allow_fold = False
+    assert not layer.fuse_dropout_now(x)
     assert "copy" in _saved_activations(layer, x)
 
 

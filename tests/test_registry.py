@@ -224,9 +224,10 @@ def test_folded_fp32_step_is_the_same_function(name):
     _assert_same_step(results)
 
 
-# methods whose layers take a fused path under adapter dropout (fp32): _DroppedLowRank, or DoRA's _DroppedDora
-# (the others' branches get the dropped down-projection `_DroppedDown` where they call down())
-FUSED_DROPOUT = {"lora", "adalora", "dora", "dora_dynamic"}
+# methods whose layers take a fused path under adapter dropout (fp32): _DroppedLowRank, DoRA's _DroppedDora, or
+# the token-gated dynamic_lora's _TokenGatedLowRank (xgblora's boosters get the dropped down-projection
+# `_DroppedDown` where they call down())
+FUSED_DROPOUT = {"lora", "adalora", "dora", "dora_dynamic", "dynamic_lora"}
 
 
 @pytest.mark.parametrize("name", methods.names())
@@ -296,6 +297,7 @@ def test_fused_dropout_functions_pass_gradcheck():
     """The dropout paths' backwards against finite differences, for a fixed mask (float64, small shapes)."""
     from lorabench.methods.base import _DroppedDown, _DroppedLowRank
     from lorabench.methods.dora import _DroppedDora
+    from lorabench.methods.dynamic_lora import _TokenGatedLowRank
 
     g = torch.Generator().manual_seed(0)
 
@@ -311,3 +313,6 @@ def test_fused_dropout_functions_pass_gradcheck():
     assert torch.autograd.gradcheck(_DroppedDora.apply, (x, w0, bias, a, b, gain, keep, 1 / 0.6, 1.5))
     assert torch.autograd.gradcheck(_DroppedDora.apply, (x, w0, None, a, b, gain, keep, 1 / 0.6, 1.5))
     assert torch.autograd.gradcheck(_DroppedDown.apply, (x, a, keep, 1 / 0.6))
+    down, gate_v = rand(4, 5), rand(1)  # [A; u'] for r = 3: the branch reads the dropped x, the gate the clean x
+    assert torch.autograd.gradcheck(_TokenGatedLowRank.apply, (x, w0, bias, down, gate_v, b, cs.detach(), 0.5, keep,
+                                                               1 / 0.6))

@@ -56,7 +56,8 @@ from ..budget import Ledger, LedgerRow
 from ..errors import ConfigError
 from ..training.hooks import TrainState
 from . import register
-from .base import AdapterMethod, LowRankLinear, MethodOptions, PeftLoraExport, TargetInfo, up_project
+from .base import (AdapterDropout, AdapterMethod, LowRankLinear, MethodOptions, PeftLoraExport, TargetInfo, float_mask,
+                   keep_scale, up_project)
 
 log = logging.getLogger("lorabench")
 
@@ -200,47 +201,64 @@ class _MaskContext:
 
 
 class _TokenGatedLowRank(torch.autograd.Function):
-    """`y = x W0ᵀ + b + (g ⊙ (x Aᵀ) ⊙ cs) Bᵀ` with the token gate `g = 1 + γ tanh(x u'ᵀ + v)`, `u' = u/√d_in`,
-    for an fp32 call (the gate makes the update input-dependent, so it cannot fold into W0).
+    """`y = x W0ᵀ + b + (g ⊙ (x̃ Aᵀ) ⊙ cs) Bᵀ` with the token gate `g = 1 + γ tanh(x u'ᵀ + v)`, `u' = u/√d_in`,
+    for an fp32 call (the gate makes the update input-dependent, so it cannot fold into W0). `x̃` is x, or under
+    adapter dropout `x ⊙ keep / (1 − p)` (`keep` given, `scale` = 1/(1 − p)); the gate reads the clean x.
 
     The same function as `DynamicLoRALinear.branch` added to the base output, computed with fewer
-    activation-sized passes: `x [A; u']ᵀ` is one r+1-wide product; the adapter's output is accumulated into
-    the base GEMM (`addmm_` with β = 1) instead of being written and added; in backward the r+1-wide ∂x
-    term is the buffer the frozen GEMM `∂Y W0` accumulates into. `cs = s·w·mask` is a constant here.
+    activation-sized passes: without dropout `x [A; u']ᵀ` is one r+1-wide product; the adapter's output is
+    accumulated into the base GEMM (`addmm_` with β = 1) instead of being written and added; in backward the
+    r+1-wide ∂x term is the buffer the frozen GEMM `∂Y W0` accumulates into. Under dropout the dropped x is a
+    reused buffer, gone after the r-wide product, recomputed from x and the bool mask for ∂A (as `_DroppedLowRank`
+    does), so no dropped copy is kept. `cs = s·w·mask` is a constant here.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, gate_v, lora_B, cs, gamma):
+    def forward(ctx, x, weight, bias, down, gate_v, lora_B, cs, gamma, keep=None, scale=1.0):
         r = lora_B.shape[1]
         x2 = x.reshape(-1, x.shape[-1])
-        hz = x2 @ down.t()  # (tokens, r + 1): the hidden and the gate's pre-activation
-        h = hz[:, :r]
-        t = torch.tanh(hz[:, r:] + gate_v)
-        ctx.gamma = gamma
+        if keep is None:
+            hz = x2 @ down.t()  # (tokens, r + 1): the hidden and the gate's pre-activation
+            h, z = hz[:, :r], hz[:, r:]
+        else:  # the branch reads the dropped x (a reused buffer), the gate the clean one
+            h = (float_mask(keep, x2, temporary=True).view(x2.shape).mul_(x2) @ down[:r].t()).mul_(scale)
+            z = x2 @ down[r:].t()
+        t = torch.tanh(z + gate_v)
+        ctx.gamma, ctx.scale = gamma, scale
         gated = h * cs * (1.0 + gamma * t)
         out = gated @ lora_B.t() if bias is None else torch.addmm(bias, gated, lora_B.t())
         out.addmm_(x2, weight.t())
-        ctx.save_for_backward(x, h, t, weight, down, lora_B, cs)
+        ctx.save_for_backward(x, h, t, weight, down, lora_B, cs, keep)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, h, t, weight, down, lora_B, cs = ctx.saved_tensors
-        need_x, _, _, need_down, need_v, need_B, _, _ = ctx.needs_input_grad
+        x, h, t, weight, down, lora_B, cs, keep = ctx.saved_tensors
+        need_x, _, _, need_down, need_v, need_B = ctx.needs_input_grad[:6]
         g = grad_y.reshape(-1, grad_y.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         gamma = ctx.gamma
+        r = lora_B.shape[1]
         gate = 1.0 + gamma * t
         u = (lora_B.t() @ g.t()).t()  # ∂Y B, on the fast side of the GEMM
         grad_B = ((h * cs * gate).t() @ g).t() if need_B else None
         dz = (u * h * cs).sum(dim=1, keepdim=True) * (gamma * (1.0 - t * t))  # through g = 1 + γ tanh(z)
-        dhz = torch.cat([u * cs * gate, dz], dim=1)
-        grad_down = dhz.t() @ x2 if need_down else None
+        dh = u * cs * gate  # ∂L/∂h
         grad_v = dz.sum(dim=0) if need_v else None
-        grad_x = None
-        if need_x:
-            grad_x = (dhz @ down).addmm_(g, weight).view(x.shape)
-        return grad_x, None, None, grad_down, grad_v, grad_B, None, None
+        grad_x = grad_down = None
+        if keep is None:
+            dhz = torch.cat([dh, dz], dim=1)
+            grad_down = dhz.t() @ x2 if need_down else None
+            if need_x:
+                grad_x = (dhz @ down).addmm_(g, weight).view(x.shape)
+        else:  # h = (x ⊙ keep) Aᵀ · scale: ∂x = (∂h A) ⊙ keep · scale + ∂z u' + ∂Y W0, ∂A = ∂hᵀ (x ⊙ keep) · scale
+            dh = dh * ctx.scale
+            mask = float_mask(keep, x2, temporary=True).view(x2.shape)
+            if need_x:
+                grad_x = (dh @ down[:r]).mul_(mask).addmm_(dz, down[r:]).addmm_(g, weight).view(x.shape)
+            if need_down:  # the dropped x, recomputed (the mask is not needed after this)
+                grad_down = torch.cat([dh.t() @ mask.mul_(x2), dz.t() @ x2])
+        return grad_x, None, None, grad_down, grad_v, grad_B, None, None, None, None
 
 
 class DynamicLoRALinear(LowRankLinear):
@@ -269,10 +287,18 @@ class DynamicLoRALinear(LowRankLinear):
     def can_fold(self) -> bool:
         return self.gate == "none"  # a gate makes the update depend on the input
 
+    def fuse_dropout_now(self, x: torch.Tensor) -> bool:
+        if self.gate != "token":
+            return super().fuse_dropout_now(x)
+        return isinstance(self.dropout, AdapterDropout) and self.dropout_active() and self.fp32_any_dropout(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.merged and self.gate == "token" and self.fp32_call(x):
+        if not self.merged and self.gate == "token" and (self.fp32_call(x) or self.fuse_dropout_now(x)):
+            keep, scale = None, 1.0
+            if self.dropout_active():
+                keep, scale = self.dropout.keep_mask(x), keep_scale(self.dropout.p)
             return _TokenGatedLowRank.apply(x, self.base.weight, self.base.bias, self.down_weight(), self.gate_v,
-                                            self.lora_B, self.hidden_scale().detach(), self.gate_scale)
+                                            self.lora_B, self.hidden_scale().detach(), self.gate_scale, keep, scale)
         return super().forward(x)
 
     def hidden_scale(self) -> torch.Tensor:
