@@ -22,6 +22,8 @@ Two protocols, each the same for every method: the default model (minilm), budge
         seed of one task) and used on all five tasks. 90 tuning + 90 final jobs. The grid reaches 8e-3 because
         AdaLoRA's and DoRA-dynamic's scales (alpha / r_init = 16/12, 8/12) are below LoRA's (16/8), and under
         Adam the function moves with scale x lr, so their best lr lies up to 3x above LoRA's.
+Both: a method whose best lr is its grid's largest (smallest) gets one more lr, x2 (/2), and the selection is
+redone, up to EXTEND_STEPS beyond the protocol's grid: a best lr at the grid's edge is not a tuned one.
 The protocol is recorded in <results>/protocol.json; a results folder refuses another protocol.
 
   python bench/glue_minilm.py --protocol cpu         # all of it, 2 jobs at a time (2 cores)
@@ -47,6 +49,7 @@ from jobqueue import REPO, Job
 METHODS = ["lora", "dora", "adalora", "dora_dynamic", "xgblora", "dynamic_lora"]
 COMMON = ["trainer.epochs=3", "logger=none", "trainer.progress_bar=false", "budget=r8", "budget.match=params"]
 FINAL_SEEDS = "1,2,3"
+EXTEND_STEPS = 2  # a method's grid may grow by at most 2 doublings above (or halvings below) the protocol's
 PROTOCOLS = {
     # tasks: per-task overrides, largest first, so that the long jobs do not start last and leave the queue's
     # tail to one process
@@ -59,10 +62,45 @@ PROTOCOLS = {
 }
 
 
-def tune_jobs(root: Path, proto: dict, lrs: list[str], seeds: list[str], extra: list[str]) -> list[Job]:
-    return [Job(f"tune {m} {t} lr={lr} s{s}", root / "tune" / "jobs" / m / f"{t}_lr{lr}_s{s}",
-                (f"method={m}", f"task={t}", f"seed={s}", f"trainer.lr={lr}", *COMMON, *proto["tasks"][t], *extra))
-            for s in seeds for lr in lrs for t in proto["tune_tasks"] for m in METHODS]
+def tune_jobs(root: Path, proto: dict, grid: dict[str, list[str]], seeds: list[str], extra: list[str]) -> list[Job]:
+    """The tuning jobs of `grid` (method → its lrs, in order)."""
+    longest = max(len(lrs) for lrs in grid.values())
+    return [Job(f"tune {m} {t} lr={grid[m][k]} s{s}", root / "tune" / "jobs" / m / f"{t}_lr{grid[m][k]}_s{s}",
+                (f"method={m}", f"task={t}", f"seed={s}", f"trainer.lr={grid[m][k]}", *COMMON, *proto["tasks"][t],
+                 *extra))
+            for s in seeds for k in range(longest) for t in proto["tune_tasks"] for m in METHODS if k < len(grid[m])]
+
+
+def lr_name(lr: float) -> str:
+    """2e-3, 1.6e-2, 2.5e-4: the grid's spelling (a job folder's name and its trainer.lr)."""
+    mantissa, exponent = f"{lr:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def method_grids(root: Path, lrs: list[str]) -> dict[str, list[str]]:
+    """Each method's grid: the protocol's, plus the lrs that an edge extension (`extend_grids`) added, read back
+    from the tuning folders' names so that a resumed queue, `--list` and the report see them."""
+    grids = {}
+    for m in METHODS:
+        found = {d.name.split("_lr")[1].rsplit("_s", 1)[0] for d in (root / "tune" / "jobs" / m).glob("*_lr*_s*")}
+        grids[m] = sorted(set(lrs) | found, key=float)
+    return grids
+
+
+def extend_grids(root: Path, grids: dict[str, list[str]], lrs: list[str]) -> dict[str, list[str]]:
+    """Methods whose selected lr is their grid's largest (or smallest): the next lr beyond it (x2 or /2), when
+    that stays within EXTEND_STEPS of the protocol's grid. A best lr at the edge of the grid is not a tuned one:
+    the methods' scales differ (alpha / r), so their best lrs lie at different places. Returns method → [new lr]."""
+    chosen = json.loads((root / "tune" / "selected" / "selected_lr.json").read_text())
+    lo, hi = min(map(float, lrs)) / 2 ** EXTEND_STEPS, max(map(float, lrs)) * 2 ** EXTEND_STEPS
+    more = {}
+    for choice in chosen:
+        grid = [float(lr) for lr in grids[choice["method"]]]
+        best = float(choice["selected"])
+        step = 2.0 if best >= max(grid) else 0.5 if best <= min(grid) else None
+        if step is not None and lo * 0.999 <= best * step <= hi * 1.001:
+            more.setdefault(choice["method"], [lr_name(best * step)])
+    return more
 
 
 def final_jobs(root: Path, proto: dict, seeds: list[str], extra: list[str]) -> list[Job]:
@@ -125,7 +163,8 @@ def write_protocol_md(root: Path, record: dict, tune: list[Job], final: list[Job
              f"| every job | {' '.join(record['common'])} |",
              *(f"| {t} | {' '.join(opts) or 'the whole training set'} |" for t, opts in record["tasks"].items()),
              f"| lr grid | {', '.join(record['lrs'])} on tuning seed(s) {', '.join(record['tune_seeds'])} and "
-             f"{', '.join(record['tune_tasks'])} |",
+             f"{', '.join(record['tune_tasks'])}; a method whose best lr is the grid's largest (smallest) gets "
+             f"the next x2 (/2), up to {record['extend_steps']} steps |",
              f"| lr selection | one per {record['select_by']} (lorabench/tuning.py) |",
              f"| final seeds | {', '.join(record['final_seeds'])} |", "",
              "| phase | jobs ok | summed job wall time | wall time at "
@@ -135,11 +174,13 @@ def write_protocol_md(root: Path, record: dict, tune: list[Job], final: list[Job
         lines.append(f"| {phase} | {done} of {len(jobs)} | {seconds / 3600:.1f} h | ≈ {seconds / 3600 / jobs_at_once:.1f} h |")
     sel = root / "tune" / "selected" / "selected_lr.json"
     if sel.exists():
-        top = max(float(lr) for lr in record["lrs"])
-        lines += ["", "Selected learning rates (a ↑ marks the grid's largest: a better one may lie beyond it):", ""]
-        lines += [f"- {c['method']}: {c['selected']:g}{' ↑' if c['selected'] >= top else ''} (mean ×100 per lr: "
-                  + ", ".join(f"{lr}: {100 * m:.2f}" for lr, m in c["means"].items()) + ")"
-                  for c in json.loads(sel.read_text())]
+        lines += ["", "Selected learning rates (↑ / ↓: the method's largest / smallest lr, where a better one may "
+                      "lie beyond it):", ""]
+        for c in json.loads(sel.read_text()):
+            grid = [float(lr) for lr in c["means"]]
+            edge = " ↑" if c["selected"] >= max(grid) else " ↓" if c["selected"] <= min(grid) else ""
+            lines.append(f"- {c['method']}: {c['selected']:g}{edge} (mean ×100 per lr: "
+                         + ", ".join(f"{lr}: {100 * m:.2f}" for lr, m in c["means"].items()) + ")")
     path = root / "protocol.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -164,9 +205,10 @@ def main() -> int:
     lrs, tune_seeds = (args.lrs or proto["lrs"]).split(","), (args.tune_seeds or proto["tune_seeds"]).split(",")
     root, extra = Path(args.results), args.extra.split()
     record = {"name": args.protocol, **proto, "lrs": lrs, "tune_seeds": tune_seeds,
-              "final_seeds": args.seeds.split(","), "common": COMMON}
+              "final_seeds": args.seeds.split(","), "common": COMMON, "extend_steps": EXTEND_STEPS}
     pin_protocol(root, args.protocol, record)
-    tune = tune_jobs(root, proto, lrs, tune_seeds, extra)
+    grids = method_grids(root, lrs)
+    tune = tune_jobs(root, proto, grids, tune_seeds, extra)
     final = final_jobs(root, proto, args.seeds.split(","), extra)
     if args.list:
         for j in tune + final:
@@ -174,10 +216,21 @@ def main() -> int:
         return 0
     failed = 0
     if args.phase in ("tune", "all"):
-        _, failed = jobqueue.run_queue(tune, args.jobs, args.deadline_s)
-        if not all(jobqueue.finished_ok(j.run_dir) for j in tune):
-            print("tuning is not complete: run again to finish it", file=sys.stderr)
-            return 1
+        while True:  # the grid, then one more lr beyond the edge for each method whose best sits there
+            _, f = jobqueue.run_queue(tune, args.jobs, args.deadline_s)
+            failed += f
+            if not all(jobqueue.finished_ok(j.run_dir) for j in tune):
+                print("tuning is not complete: run again to finish it", file=sys.stderr)
+                return 1
+            if not select(root, proto):
+                return 1
+            more = extend_grids(root, grids, lrs)
+            if not more:
+                break
+            print("best lr at the grid's edge, extending: "
+                  + ", ".join(f"{m} {', '.join(new)}" for m, new in more.items()))
+            grids = {m: sorted(grids[m] + more.get(m, []), key=float) for m in METHODS}
+            tune = tune_jobs(root, proto, grids, tune_seeds, extra)
     if args.phase in ("final", "all"):
         if not select(root, proto):
             print("no complete learning-rate selection: finish the tuning phase first", file=sys.stderr)

@@ -118,3 +118,34 @@ def test_glue_table_pins_its_protocol_and_writes_its_facts(tmp_path):
     assert reported.returncode == 0, reported.stderr[-2000:]
     facts = (results / "protocol.md").read_text()
     assert "| tune | 0 of 90 |" in facts and "| final | 0 of 90 |" in facts and "5e-4, 1e-3, 2e-3, 4e-3, 8e-3" in facts
+
+
+def test_glue_table_extends_a_grid_whose_best_lr_is_at_its_edge(tmp_path, monkeypatch):
+    """A method whose selected lr is its grid's largest (smallest) gets the next lr x2 (/2), at most EXTEND_STEPS
+    beyond the protocol's grid; an interior best adds nothing; the added lrs are read back from the job folders."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import glue_minilm as table
+
+    assert [table.lr_name(x) for x in (8e-3 * 2, 5e-4 / 2, 2e-3, 1.25e-4, 3.2e-2)] == \
+        ["1.6e-2", "2.5e-4", "2e-3", "1.25e-4", "3.2e-2"]
+    lrs = ["5e-4", "1e-3", "2e-3", "4e-3", "8e-3"]
+    root = tmp_path / "table"
+    grids = table.method_grids(root, lrs)
+    assert grids == {m: lrs for m in table.METHODS}
+    selected = root / "tune" / "selected"
+    selected.mkdir(parents=True)
+
+    def choose(**best):
+        rows = [{"method": m, "selected": best.get(m, 1e-3), "means": {}} for m in table.METHODS]
+        (selected / "selected_lr.json").write_text(json.dumps(rows))
+        return table.extend_grids(root, grids, lrs)
+
+    assert choose() == {}
+    assert choose(adalora=8e-3, lora=5e-4) == {"adalora": ["1.6e-2"], "lora": ["2.5e-4"]}
+    grids["adalora"] = lrs + ["1.6e-2", "3.2e-2"]  # two doublings taken: the cap
+    assert choose(adalora=3.2e-2) == {}
+    for task in ("sst2", "cola"):  # an extension's job folders, as the queue names them
+        (root / "tune" / "jobs" / "dora_dynamic" / f"{task}_lr1.6e-2_s101").mkdir(parents=True)
+    assert table.method_grids(root, lrs)["dora_dynamic"] == lrs + ["1.6e-2"]
+    jobs = table.tune_jobs(root, table.PROTOCOLS["cpu"], table.method_grids(root, lrs), ["101"], [])
+    assert len(jobs) == 6 * 3 * 5 + 3 and sum("lr=1.6e-2" in j.name for j in jobs) == 3
