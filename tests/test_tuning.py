@@ -98,6 +98,26 @@ def test_a_sweep_that_mixes_budgets_is_refused(tmp_path, capsys):
     assert "error: the tuning sweep mixes" in capsys.readouterr().err
 
 
+def test_a_method_option_missing_from_older_runs_counts_as_its_default(tmp_path):
+    """A run whose config predates a documented option (no key) trained with its default: it is grouped with
+    runs that state the default, and refused beside a run that set another value."""
+    def run(name, lr, **method_options):
+        d = _lr_run(root, name, lr, task="rte", method="dora_dynamic", best={"accuracy": .6})
+        r = json.loads((d / "results.json").read_text())
+        r["config"]["method"] = {"name": "dora_dynamic", "alpha": 8, **method_options}
+        (d / "results.json").write_text(json.dumps(r))
+
+    default_eps = report._checkout_config("method", "dora_dynamic")["eps"]
+    root = tmp_path / "tune"
+    run("old", 1e-3)  # before `eps` was in the YAML
+    run("new", 2e-3, eps=default_eps)
+    report.select_learning_rates(root)
+    assert json.loads((root / "selected" / "selected_lr.json").read_text())[0]["means"].keys() == {"0.001", "0.002"}
+    run("other", 4e-3, eps=1e-3)
+    with pytest.raises(ConfigError, match="mixes budgets, models or method options within dora_dynamic/rte"):
+        report.select_learning_rates(root)
+
+
 def test_tune_run_report_end_to_end(tmp_path, real_glue_dir):
     """The README's three commands on the tiny model, a 2-value grid and 2 tuning seeds, then 2 final seeds."""
     env = {"GLUE_DIR": str(real_glue_dir)}

@@ -253,13 +253,14 @@ def _task_config(task: str, runs: Iterable[Job]) -> dict[str, Any]:
         cfg = ((j.results or {}).get("config") or {}).get("task")
         if isinstance(cfg, dict) and "table_metrics" in cfg:
             return cfg
-    return _checkout_task_config(task)
+    return _checkout_config("task", task)
 
 
 @functools.lru_cache(maxsize=None)
-def _checkout_task_config(task: str) -> dict[str, Any]:
-    """conf/task/<task>.yaml of this checkout, read once per process (tables ask for a task's facts per cell)."""
-    path = CONF_DIR / "task" / f"{task}.yaml"
+def _checkout_config(group: str, name: str) -> dict[str, Any]:
+    """conf/<group>/<name>.yaml of this checkout, read once per process (tables ask for a task's facts per cell);
+    {} when there is none."""
+    path = CONF_DIR / group / f"{name}.yaml"
     if not path.exists():
         return {}
     import yaml  # PyYAML comes with omegaconf
@@ -896,7 +897,9 @@ def select_learning_rates(root: str | Path, out_dir: str | Path | None = None, b
         raise ConfigError(f"--select-for names unknown task(s) {', '.join(unknown)}; tasks: {', '.join(known)}")
     root = Path(root)
     jobs = [read_job(d, root) for d in find_job_dirs(root)]
-    choices = tuning.collect(jobs)
+    # an option a job's config lacks (a run from before the option was documented) counts as its default, which
+    # the method's YAML states (a registry test holds it equal to the code's)
+    choices = tuning.collect(jobs, method_defaults=lambda name: _checkout_config("method", name))
     if by == "method":
         choices = tuning.pool_by_method(choices, list(for_tasks) if for_tasks else None)
     return tuning.write_selection(choices, Path(out_dir) if out_dir is not None else root / "selected", str(root))
