@@ -113,6 +113,8 @@ def test_a_method_option_missing_from_older_runs_counts_as_its_default(tmp_path)
     run("new", 2e-3, eps=default_eps)
     report.select_learning_rates(root)
     assert json.loads((root / "selected" / "selected_lr.json").read_text())[0]["means"].keys() == {"0.001", "0.002"}
+    rep = report.build_report(root, plots=False)  # nor does the report split the rows by the absent key
+    assert {rep.table.full_label(r) for r in rep.table.rows} == {"dora_dynamic (lr=0.001)", "dora_dynamic (lr=0.002)"}
     run("other", 4e-3, eps=1e-3)
     with pytest.raises(ConfigError, match="mixes budgets, models or method options within dora_dynamic/rte"):
         report.select_learning_rates(root)

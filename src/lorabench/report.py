@@ -322,14 +322,21 @@ def _lr_grid_methods(jobs: list[Job]) -> set[str]:
     return {key[0] for key, lrs in seen.items() if len(lrs) > 1}
 
 
+def _method_options(j: Job) -> dict[str, Any]:
+    """The job's method options, each key its config lacks filled with the method's default from this checkout's
+    conf/method/<name>.yaml: a run from before an option was documented trained with its default, and the absence
+    alone should not make it another row."""
+    defaults = _checkout_config("method", str(j.field("method")))
+    return {**defaults, **((j.results.get("config") or {}).get("method") or {})}
+
+
 def row_keys(jobs: list[Job]) -> dict[int, RowKey]:
     """RowKey per job (by id): method, the method options that vary between its runs (plus `lr=` when the method
     ran a learning-rate grid), budget, model."""
     lr_grid = _lr_grid_methods(jobs)
     method_cfgs: dict[str, list[dict[str, Any]]] = {}
     for j in jobs:
-        cfg = (j.results.get("config") or {}).get("method") or {}
-        method_cfgs.setdefault(str(j.field("method")), []).append(flatten(cfg))
+        method_cfgs.setdefault(str(j.field("method")), []).append(flatten(_method_options(j)))
     varying: dict[str, list[str]] = {}
     for method, cfgs in method_cfgs.items():
         keys = sorted(set().union(*cfgs) - {"name"})
@@ -337,7 +344,7 @@ def row_keys(jobs: list[Job]) -> dict[int, RowKey]:
     out = {}
     for j in jobs:
         method = str(j.field("method"))
-        cfg = flatten((j.results.get("config") or {}).get("method") or {})
+        cfg = flatten(_method_options(j))
         variant = ",".join([f"{k}={cfg.get(k)}" for k in varying[method]] +
                            ([f"lr={fmt_lr(job_lr(j))}"] if method in lr_grid else []))
         out[id(j)] = RowKey(method, variant, str(j.field("budget")), str(j.field("model")))
@@ -897,9 +904,7 @@ def select_learning_rates(root: str | Path, out_dir: str | Path | None = None, b
         raise ConfigError(f"--select-for names unknown task(s) {', '.join(unknown)}; tasks: {', '.join(known)}")
     root = Path(root)
     jobs = [read_job(d, root) for d in find_job_dirs(root)]
-    # an option a job's config lacks (a run from before the option was documented) counts as its default, which
-    # the method's YAML states (a registry test holds it equal to the code's)
-    choices = tuning.collect(jobs, method_defaults=lambda name: _checkout_config("method", name))
+    choices = tuning.collect(jobs, method_options=_method_options)  # the rows' notion of "the same options"
     if by == "method":
         choices = tuning.pool_by_method(choices, list(for_tasks) if for_tasks else None)
     return tuning.write_selection(choices, Path(out_dir) if out_dir is not None else root / "selected", str(root))

@@ -59,12 +59,11 @@ class LrChoice:
         return min(lr for lr, m in means.items() if math.isclose(m, top, rel_tol=1e-9, abs_tol=1e-12))
 
 
-def collect(jobs: list[Any], method_defaults: Callable[[str], dict[str, Any]] | None = None) -> list[LrChoice]:
+def collect(jobs: list[Any], method_options: Callable[[Any], dict[str, Any]] | None = None) -> list[LrChoice]:
     """Group ok jobs (report.Job) by method × task and lr. Refuses a sweep whose rows another option splits (two
     budgets, models or method variants), since one selection file per method × task could not hold both.
-    `method_defaults(name)`: the method's option defaults, filled in where a job's config lacks a key (a run
-    from before that option existed in the YAML trained with its default), so that the absence alone does not
-    split a method × task."""
+    `method_options(job)`: the job's method options as compared (the report fills in documented defaults);
+    default: its config's method group."""
     choices: dict[tuple[str, str], LrChoice] = {}
     split: dict[tuple[str, str], set] = {}
     for j in jobs:
@@ -78,8 +77,8 @@ def collect(jobs: list[Any], method_defaults: Callable[[str], dict[str, Any]] | 
         if not isinstance(lr, (int, float)) or not isinstance(value, (int, float)) or not math.isfinite(value):
             continue
         key = (str(j.field("method")), str(j.field("task")))
-        defaults = method_defaults(key[0]) if method_defaults is not None else {}
-        method_cfg = {k: v for k, v in {**defaults, **(cfg.get("method") or {})}.items() if k != "name"}
+        options = method_options(j) if method_options is not None else cfg.get("method") or {}
+        method_cfg = {k: v for k, v in options.items() if k != "name"}
         split.setdefault(key, set()).add(json.dumps([j.field("budget"), j.field("model"), method_cfg],
                                                     sort_keys=True))
         choice = choices.setdefault(key, LrChoice(key[0], key[1], metric))
