@@ -93,14 +93,14 @@ def extend_grids(root: Path, grids: dict[str, list[str]], lrs: list[str]) -> dic
     the methods' scales differ (alpha / r), so their best lrs lie at different places. Returns method → [new lr]."""
     chosen = json.loads((root / "tune" / "selected" / "selected_lr.json").read_text())
     lo, hi = min(map(float, lrs)) / 2 ** EXTEND_STEPS, max(map(float, lrs)) * 2 ** EXTEND_STEPS
-    more = {}
-    for choice in chosen:
+    more: dict[str, set[str]] = {}
+    for choice in chosen:  # one per method, or (selection per task) one per method × task
         grid = [float(lr) for lr in grids[choice["method"]]]
         best = float(choice["selected"])
         step = 2.0 if best >= max(grid) else 0.5 if best <= min(grid) else None
         if step is not None and lo * 0.999 <= best * step <= hi * 1.001:
-            more.setdefault(choice["method"], [lr_name(best * step)])
-    return more
+            more.setdefault(choice["method"], set()).add(lr_name(best * step))
+    return {m: sorted(new, key=float) for m, new in more.items()}
 
 
 def final_jobs(root: Path, proto: dict, seeds: list[str], extra: list[str]) -> list[Job]:

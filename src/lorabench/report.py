@@ -334,9 +334,10 @@ def row_keys(jobs: list[Job]) -> dict[int, RowKey]:
     """RowKey per job (by id): method, the method options that vary between its runs (plus `lr=` when the method
     ran a learning-rate grid), budget, model."""
     lr_grid = _lr_grid_methods(jobs)
+    options = {id(j): flatten(_method_options(j)) for j in jobs}
     method_cfgs: dict[str, list[dict[str, Any]]] = {}
     for j in jobs:
-        method_cfgs.setdefault(str(j.field("method")), []).append(flatten(_method_options(j)))
+        method_cfgs.setdefault(str(j.field("method")), []).append(options[id(j)])
     varying: dict[str, list[str]] = {}
     for method, cfgs in method_cfgs.items():
         keys = sorted(set().union(*cfgs) - {"name"})
@@ -344,7 +345,7 @@ def row_keys(jobs: list[Job]) -> dict[int, RowKey]:
     out = {}
     for j in jobs:
         method = str(j.field("method"))
-        cfg = flatten(_method_options(j))
+        cfg = options[id(j)]
         variant = ",".join([f"{k}={cfg.get(k)}" for k in varying[method]] +
                            ([f"lr={fmt_lr(job_lr(j))}"] if method in lr_grid else []))
         out[id(j)] = RowKey(method, variant, str(j.field("budget")), str(j.field("model")))
