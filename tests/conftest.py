@@ -124,6 +124,48 @@ def run_train(args: list[str], cwd: Path, env: dict | None = None, timeout: int 
                           text=True, timeout=timeout)
 
 
+# `python -m train` that dies by SIGKILL the moment its first checkpoint is complete. The crash comes from inside
+# the run, so it lands at the same step whatever the machine's load: a test that polled the checkpoint folder and
+# killed from outside raced the run, and on a busy CI machine a run once finished all its steps before the kill.
+# With WHOLE_JOB (a torchrun worker), the worker that wrote the checkpoint first kills its launcher and every
+# worker the launcher started, as a node failure would (torchrun puts each worker in a session of its own, so
+# there is no one process group to kill).
+_CRASH_AFTER_FIRST_CHECKPOINT = """\
+import os, runpy, signal
+from pathlib import Path
+import lorabench.training.checkpoint as checkpoint
+
+def _children(pid):
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+_write = checkpoint.write_checkpoint
+def _write_then_die(*args, **kwargs):
+    _write(*args, **kwargs)
+    if WHOLE_JOB:
+        launcher = os.getppid()
+        for pid in [*_children(launcher), launcher]:
+            if pid != os.getpid():
+                os.kill(pid, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.write_checkpoint = _write_then_die
+runpy.run_module("train", run_name="__main__", alter_sys=True)
+"""
+
+
+def crash_after_first_checkpoint(folder: Path, whole_job: bool = False) -> Path:
+    """A script to run in place of `-m train` (same arguments) that crashes after its first checkpoint; see above."""
+    script = folder / ("crash_job.py" if whole_job else "crash.py")
+    script.write_text(_CRASH_AFTER_FIRST_CHECKPOINT.replace("WHOLE_JOB", str(whole_job)))
+    return script
+
+
 def table_rows(md: str, title: str) -> list[list[str]]:
     """The first markdown table after the heading `## <title>`: header, separator, body rows."""
     lines = md.split(f"## {title}", 1)[1].splitlines()

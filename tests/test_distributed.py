@@ -23,14 +23,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, crash_after_first_checkpoint
 
 METHODS = ["lora", "adalora", "dora_dynamic", "dora", "xgblora", "dynamic_lora"]
 COMMON = ["task=rte", "model=tiny", "trainer=debug", "logger=none", "trainer.progress_bar=false",
@@ -56,20 +55,6 @@ def _finish(p: subprocess.Popen, timeout: int = 400) -> tuple[int, str]:
 def _why(out: str) -> str:
     """A failed torchrun's own lines, without torchrun's report around them."""
     return "\n".join(ln for ln in out.splitlines() if "torch/distributed" not in ln)[-5000:]
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (torchrun starts its workers in sessions of their own: killing the launcher's
-    process group would leave them running)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children = [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-        for child in children:
-            found += [child] + _descendants(child)
-    return found
 
 
 def _compose(overrides: list[str], glue: Path) -> dict:
@@ -190,20 +175,14 @@ def runs(tmp_path_factory, real_glue_dir):
 
     # killed after the first checkpoint, then resumed, in the default time-stamped run directory
     runs_dir = tmp / "runs"
-    args = ["-m", "train", "method=adalora", *COMMON, f"paths.runs_dir={runs_dir}", "trainer.checkpoint_every=4"]
-    killed = torchrun(args, tmp, real_glue_dir)
+    args = ["method=adalora", *COMMON, f"paths.runs_dir={runs_dir}", "trainer.checkpoint_every=4"]
+    killed = torchrun([str(crash_after_first_checkpoint(tmp, whole_job=True)), *args], tmp, real_glue_dir)
+    rc, out = _finish(killed)
+    assert rc == -signal.SIGKILL, f"the run to crash ended with {rc}, not killed after a checkpoint:\n{_why(out)}"
     method_dir = runs_dir / "rte" / "adalora"
-    t0 = time.monotonic()
-    while not list(method_dir.glob("*/checkpoints/step-*/manifest.json")):
-        assert killed.poll() is None, f"the run ended before its first checkpoint:\n{killed.stdout.read()[-4000:]}"
-        assert time.monotonic() - t0 < 240, "no checkpoint appeared"
-        time.sleep(0.005)
-    for pid in _descendants(killed.pid) + [killed.pid]:  # every process of the job, as a node failure would
-        os.kill(pid, signal.SIGKILL)
-    killed.communicate()
     killed_dirs = sorted(method_dir.iterdir())
     killed_steps = sorted(int(d.name.split("-")[1]) for d in killed_dirs[0].glob("checkpoints/step-*"))
-    rc, out = _finish(torchrun(args + ["trainer.resume=true"], tmp, real_glue_dir))
+    rc, out = _finish(torchrun(["-m", "train", *args, "trainer.resume=true"], tmp, real_glue_dir))
     assert rc == 0, _why(out)
     return {"one": one, "two": two, "two_sweep": two_sweep, "killed_dirs": killed_dirs,
             "killed_steps": killed_steps, "after_resume": sorted(method_dir.iterdir()), "resume_log": out}

@@ -1,6 +1,7 @@
 """Exact resume, as a user would do it: `python -m train ... trainer.checkpoint_every=k`, SIGKILL after the first
-complete checkpoint (before the pruning / boosting schedule is over), `trainer.resume=true`, and the result must
-equal an uninterrupted run of the same seed bit for bit (CPU, fp32, one thread per process).
+complete checkpoint (before the pruning / boosting schedule is over; the run kills itself there, so the step does not
+depend on the machine's load), `trainer.resume=true`, and the result must equal an uninterrupted run of the same
+seed bit for bit (CPU, fp32, one thread per process).
 
 The runs to kill and resume are `python -m train` subprocesses; the uninterrupted references run in the pytest
 process meanwhile (one module fixture), so the file costs about two process lifetimes of wall time.
@@ -14,13 +15,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, crash_after_first_checkpoint
 
 # 96 RTE examples, batch 8: 12 steps per epoch, 2 epochs = 24 steps. dora_dynamic's pruning window is
 # steps ⌊0.15·24⌋ .. 0.15·24 + ⌊0.35·24⌋ (events every 2 steps), so it ends after step 11; the first
@@ -39,9 +39,11 @@ METHODS = {
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # fixed reduction order, and room for parallel runs
 
 
-def _start(args: list[str], run_dir: Path, cwd: Path, glue: Path) -> subprocess.Popen:
+def _start(args: list[str], run_dir: Path, cwd: Path, glue: Path, crash: bool = False) -> subprocess.Popen:
+    """`python -m train`; with `crash`, a run that SIGKILLs itself after its first checkpoint (conftest)."""
     env = {**os.environ, **ENV, "GLUE_DIR": str(glue)}
-    return subprocess.Popen([sys.executable, "-m", "train", *args, f"hydra.run.dir={run_dir}"], cwd=cwd, env=env,
+    entry = [str(crash_after_first_checkpoint(cwd))] if crash else ["-m", "train"]
+    return subprocess.Popen([sys.executable, *entry, *args, f"hydra.run.dir={run_dir}"], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -55,20 +57,6 @@ def _complete_steps(run_dir: Path) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(d.name.split("-")[1]) for d in root.glob("step-*") if (d / "manifest.json").is_file())
-
-
-def _kill_after_first_checkpoint(p: subprocess.Popen, run_dir: Path, timeout: float = 240) -> None:
-    t0 = time.monotonic()
-    while not _complete_steps(run_dir):
-        if p.poll() is not None:
-            raise AssertionError(f"run ended before its first checkpoint:\n{p.stderr.read()[-3000:]}")
-        if time.monotonic() - t0 > timeout:
-            p.kill()
-            raise AssertionError("no checkpoint appeared")
-        time.sleep(0.005)
-    os.kill(p.pid, signal.SIGKILL)
-    p.communicate()
-    assert p.returncode == -signal.SIGKILL
 
 
 def _compose(overrides: list[str], glue: Path) -> dict:
@@ -106,12 +94,14 @@ def runs(tmp_path_factory, real_glue_dir):
     tmp = tmp_path_factory.mktemp("resume")
     out: dict[str, tuple[Path, int, str]] = {}
     killed = {name: (_start(COMMON + args + [f"trainer.checkpoint_every={CKPT_EVERY}"], tmp / f"{name}-killed",
-                            tmp, real_glue_dir), tmp / f"{name}-killed") for name, (args, _) in METHODS.items()}
+                            tmp, real_glue_dir, crash=True), tmp / f"{name}-killed")
+              for name, (args, _) in METHODS.items()}
     killed_at: dict[str, list[int]] = {}
     for name, (p, d) in killed.items():
-        _kill_after_first_checkpoint(p, d)
+        rc, err = _finish(p)
+        assert rc == -signal.SIGKILL, f"{name}: the run to crash ended with {rc} before its first checkpoint:\n{err[-3000:]}"
         killed_at[name] = _complete_steps(d)
-        out[f"{name}/killed"] = (d, p.returncode, "")
+        out[f"{name}/killed"] = (d, rc, "")
     # a snapshot of the killed run, for the refused resumes
     shutil.copytree(tmp / "dora_dynamic-killed", tmp / "dora_dynamic-killed-copy")
     out["_killed_copy"] = tmp / "dora_dynamic-killed-copy"  # type: ignore[assignment]
