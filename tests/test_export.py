@@ -269,3 +269,24 @@ def test_export_cli_rewrites_the_interchange_files(tmp_path, dev_batch, capsys):
     peft_file.unlink()
     assert export.main([str(run_dir)]) == 0
     assert peft_file.read_bytes() == before
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_update_norms_measures_the_factors_update(tmp_path, method):
+    """bench/update_norms.py (merged − base weights) against ΔW written from the factors by the spec's formula:
+    LoRA s·B A (§1.1), AdaLoRA s·P diag(λ) Q (§4.1), after a schedule zeroed some λ."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import update_norms
+
+    run_dir, _, m, _ = make_run(tmp_path, method, {})
+    name, task, norms = update_norms.update_norms(run_dir)
+    assert (name, task) == (method, "rte") and norms.keys() == m.layers.keys()
+    for key, layer in m.layers.items():
+        P, Q = layer.lora_B.double(), layer.lora_A.double()
+        if method == "adalora":
+            Q = layer.lora_E.double()[:, None] * Q
+        delta = layer.scale * P @ Q
+        spectral, frobenius = norms[key]
+        assert spectral == pytest.approx(torch.linalg.matrix_norm(delta, 2).item(), rel=1e-4)
+        assert frobenius == pytest.approx(delta.norm().item(), rel=1e-4)
+    assert sum(s > 0 for s, _ in norms.values()) >= len(norms) - 1  # one adalora module kept nothing (_train_like)
