@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -420,3 +421,19 @@ def test_pareto_points_and_plot(tmp_path):
     assert points["dora"][4] == pytest.approx(_t975(1) * statistics.stdev([64.0, 66.0]) / 2 ** 0.5)
     assert (root / "plots" / "pareto.png").stat().st_size > 0
     assert "plots/pareto.png" in (root / "report.md").read_text()
+
+
+@pytest.mark.parametrize("sizes, scale", [((331_200, 331_776, 331_776), "linear"), ((83_000, 331_776, 1_327_104), "log")])
+def test_size_axis_labels_are_readable(sizes, scale):
+    """Equal-budget rows a few hundred params apart get a linear axis with distinct labels (a log axis printed a pile
+    of overlapping 3.31e5 minor labels); budgets that differ by multiples keep a log axis. Labels are in K / M."""
+    fig = report._new_figure(4, 3)
+    ax = fig.subplots()
+    ax.plot(sizes, [1, 2, 3], "o")
+    report.size_axis(ax, sizes)
+    fig.canvas.draw()
+    assert ax.get_xscale() == scale
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    minor = [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+    assert labels and not minor and len(set(labels)) == len(labels)
+    assert all(re.fullmatch(r"[\d.]+[KM]", label) for label in labels), labels

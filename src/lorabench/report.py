@@ -719,6 +719,31 @@ def pareto_points(table: Table, selection: str = "best") -> list[tuple[str, floa
     return points
 
 
+def size_axis(ax, sizes: Sequence[float]) -> None:
+    """A log axis when the stored sizes span budgets (r2 ... r32 differ by multiples); a linear one when they are
+    equal-budget rows a few per cent apart, where log ticks would print as a pile of overlapping 3.31e5 labels.
+    Tick labels in K / M either way."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    sizes = [s for s in sizes if math.isfinite(s) and s > 0]
+    if sizes and max(sizes) >= 4 * min(sizes):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    elif sizes:
+        pad = max(0.005 * max(sizes), (max(sizes) - min(sizes)) * 0.15)
+        ax.set_xlim(min(sizes) - pad, max(sizes) + pad)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _size_tick(v)))
+
+
+def _size_tick(n: float) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.3g}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.4g}K"
+    return f"{n:.0f}"
+
+
 def plot_pareto(points: list[tuple[str, float, float, float, float | None]], path: Path, ylabel: str) -> None:
     """Score against stored size (left) and against s/step (right), one point per row with its interval."""
     fig = _new_figure(10.0, 4.2)
@@ -733,7 +758,7 @@ def plot_pareto(points: list[tuple[str, float, float, float, float | None]], pat
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].set_xscale("log")
+    size_axis(axes[0], [p[1] for p in points])
     for ax in axes:  # the legend on whichever panel has points (s/step can be missing in old results)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
