@@ -87,7 +87,9 @@ class LedgerRow:
     d_out: int
     rank: int  # effective rank now (kept components for pruning methods)
     trainable_now: int  # parameters of this matrix's adapter that receive gradients
-    stored_at_end: int  # rank-factor parameters stored at the end: rank · (d_in + d_out)
+    # rank-factor parameters the adapter would store if the run ended now, rank · (d_in + d_out); at the start of a
+    # pruning run that is not the end's size (AdaLoRA: every initial triplet; DoRA-dynamic: 0, its gates start at 0)
+    stored_at_end: int
     extra_stored: int = 0  # stored extras counted separately (DoRA's magnitude vector)
 
 
@@ -127,7 +129,7 @@ class Ledger:
 
     def summary(self) -> str:
         s = (f"{self.n_matrices} adapted matrices | adapter params trainable now {self.trainable_now:,} | "
-             f"stored at end {self.stored_at_end:,}")
+             f"stored now {self.stored_at_end:,}")
         if self.extra_stored:
             s += f" (+{self.extra_stored:,} extra)"
         s += f" | task head {self.head_params:,}"
